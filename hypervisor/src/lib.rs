@@ -1,0 +1,1 @@
+//! Hypervisor backend: arrives with the hypervisor step (issue 3).
