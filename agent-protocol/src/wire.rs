@@ -90,7 +90,10 @@ fn parse_hex_u8(s: &str, max: u8) -> Option<u8> {
 impl FromStr for PciPath {
     type Err = AddressError;
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason: String| AddressError::PciPath { input: input.to_owned(), reason };
+        let err = |reason: String| AddressError::PciPath {
+            input: input.to_owned(),
+            reason,
+        };
         if input.is_empty() {
             return Err(err("empty".into()));
         }
@@ -145,7 +148,10 @@ impl ScsiAddr {
     /// `None` above index 65535.
     pub fn from_index(index: u32) -> Option<Self> {
         let index = u16::try_from(index).ok()?;
-        Some(Self { id: index / 256, lun: index % 256 })
+        Some(Self {
+            id: index / 256,
+            lun: index % 256,
+        })
     }
     pub fn to_index(self) -> u32 {
         u32::from(self.id) * 256 + u32::from(self.lun)
@@ -161,8 +167,13 @@ impl fmt::Display for ScsiAddr {
 impl FromStr for ScsiAddr {
     type Err = AddressError;
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason: &str| AddressError::Scsi { input: input.to_owned(), reason: reason.into() };
-        let (id, lun) = input.split_once(':').ok_or_else(|| err("expected id:lun"))?;
+        let err = |reason: &str| AddressError::Scsi {
+            input: input.to_owned(),
+            reason: reason.into(),
+        };
+        let (id, lun) = input
+            .split_once(':')
+            .ok_or_else(|| err("expected id:lun"))?;
         let num = |s: &str, max: u16, what: &str| -> Result<u16, AddressError> {
             if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(err(&format!("{what} must be a decimal number")));
@@ -172,7 +183,10 @@ impl FromStr for ScsiAddr {
                 .filter(|v| *v <= max)
                 .ok_or_else(|| err(&format!("{what} above {max}")))
         };
-        Ok(Self { id: num(id, SCSI_MAX_ID, "id")?, lun: num(lun, SCSI_MAX_LUN, "lun")? })
+        Ok(Self {
+            id: num(id, SCSI_MAX_ID, "id")?,
+            lun: num(lun, SCSI_MAX_LUN, "lun")?,
+        })
     }
 }
 
@@ -197,7 +211,19 @@ mod tests {
     #[test]
     fn pci_path_parses_and_prints() {
         let p: PciPath = "02/01".parse().unwrap();
-        assert_eq!(p.hops(), &[PciSlot { slot: 2, function: 0 }, PciSlot { slot: 1, function: 0 }]);
+        assert_eq!(
+            p.hops(),
+            &[
+                PciSlot {
+                    slot: 2,
+                    function: 0
+                },
+                PciSlot {
+                    slot: 1,
+                    function: 0
+                }
+            ]
+        );
         assert_eq!(p.to_string(), "02/01");
         assert_eq!(p.last().slot, 1);
         let f: PciPath = "1f.7".parse().unwrap();
@@ -206,7 +232,9 @@ mod tests {
 
     #[test]
     fn pci_path_rejects_bad_input() {
-        for bad in ["", "/", "02/", "20", "0g", "001", "02.8", "02.", ".1", "+1", "02//01", "é"] {
+        for bad in [
+            "", "/", "02/", "20", "0g", "001", "02.8", "02.", ".1", "+1", "02//01", "é",
+        ] {
             let e = bad.parse::<PciPath>().unwrap_err();
             assert!(e.to_string().contains("PCI path"), "{bad}: {e}");
         }
@@ -220,9 +248,22 @@ mod tests {
         assert_eq!(a, ScsiAddr { id: 1, lun: 44 });
         assert_eq!(a.to_index(), 300);
         assert_eq!(ScsiAddr::from_index(300), Some(a));
-        assert_eq!(ScsiAddr::from_index(65535), Some(ScsiAddr { id: 255, lun: 255 }));
+        assert_eq!(
+            ScsiAddr::from_index(65535),
+            Some(ScsiAddr { id: 255, lun: 255 })
+        );
         assert_eq!(ScsiAddr::from_index(65536), None);
-        for bad in ["", "1", "1:", ":1", "256:0", "0:256", "-1:0", "1:2:3", "99999999:0"] {
+        for bad in [
+            "",
+            "1",
+            "1:",
+            ":1",
+            "256:0",
+            "0:256",
+            "-1:0",
+            "1:2:3",
+            "99999999:0",
+        ] {
             assert!(bad.parse::<ScsiAddr>().is_err(), "{bad}");
         }
     }

@@ -62,7 +62,10 @@ pub struct BackendError {
 
 impl BackendError {
     pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 

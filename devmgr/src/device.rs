@@ -121,7 +121,11 @@ pub struct Bdf {
 
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -145,7 +149,9 @@ impl FromStr for Bdf {
             [b, df] => (0, *b, *df),
             _ => return Err(bad("expected [domain:]bus:device.function")),
         };
-        let (dev, func) = devfn.split_once('.').ok_or_else(|| bad("missing .function"))?;
+        let (dev, func) = devfn
+            .split_once('.')
+            .ok_or_else(|| bad("missing .function"))?;
         Ok(Bdf {
             domain,
             bus: hex(bus, 2, 0xff, "bus")? as u8,
@@ -163,7 +169,9 @@ impl Serialize for Bdf {
 
 impl<'de> Deserialize<'de> for Bdf {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -236,10 +244,22 @@ impl DeviceKind {
             DeviceKind::Block => "block",
             DeviceKind::Generic => "generic",
             DeviceKind::Vfio(_) => "vfio",
-            DeviceKind::VhostUser { vhost: VhostUserKind::Blk, .. } => "vhost-user-blk",
-            DeviceKind::VhostUser { vhost: VhostUserKind::Scsi, .. } => "vhost-user-scsi",
-            DeviceKind::VhostUser { vhost: VhostUserKind::Fs, .. } => "vhost-user-fs",
-            DeviceKind::VhostUser { vhost: VhostUserKind::Net, .. } => "vhost-user-net",
+            DeviceKind::VhostUser {
+                vhost: VhostUserKind::Blk,
+                ..
+            } => "vhost-user-blk",
+            DeviceKind::VhostUser {
+                vhost: VhostUserKind::Scsi,
+                ..
+            } => "vhost-user-scsi",
+            DeviceKind::VhostUser {
+                vhost: VhostUserKind::Fs,
+                ..
+            } => "vhost-user-fs",
+            DeviceKind::VhostUser {
+                vhost: VhostUserKind::Net,
+                ..
+            } => "vhost-user-net",
             DeviceKind::Pmem => "pmem",
         }
     }
@@ -282,10 +302,29 @@ mod tests {
     fn bdf_parses_without_panicking() {
         assert_eq!(
             "0000:3b:00.1".parse::<Bdf>().unwrap(),
-            Bdf { domain: 0, bus: 0x3b, device: 0, function: 1 }
+            Bdf {
+                domain: 0,
+                bus: 0x3b,
+                device: 0,
+                function: 1
+            }
         );
-        assert_eq!("3b:1f.7".parse::<Bdf>().unwrap().to_string(), "0000:3b:1f.7");
-        for bad in ["", "3b", "3b:00", "0000:3b:00", "zz:00.0", "00:20.0", "00:00.8", "::.", "0:0:0:0.0", "é:00.0"] {
+        assert_eq!(
+            "3b:1f.7".parse::<Bdf>().unwrap().to_string(),
+            "0000:3b:1f.7"
+        );
+        for bad in [
+            "",
+            "3b",
+            "3b:00",
+            "0000:3b:00",
+            "zz:00.0",
+            "00:20.0",
+            "00:00.8",
+            "::.",
+            "0:0:0:0.0",
+            "é:00.0",
+        ] {
             let e = bad.parse::<Bdf>().unwrap_err();
             assert!(e.contains("PCI address"), "{bad}: {e}");
         }
@@ -293,7 +332,13 @@ mod tests {
 
     #[test]
     fn block_driver_names() {
-        assert_eq!("virtio-scsi".parse::<BlockDriver>().unwrap(), BlockDriver::VirtioScsi);
-        assert!("virtio-foo".parse::<BlockDriver>().unwrap_err().contains("virtio-foo"));
+        assert_eq!(
+            "virtio-scsi".parse::<BlockDriver>().unwrap(),
+            BlockDriver::VirtioScsi
+        );
+        assert!("virtio-foo"
+            .parse::<BlockDriver>()
+            .unwrap_err()
+            .contains("virtio-foo"));
     }
 }

@@ -15,3 +15,11 @@ pub mod testing;
 pub mod uevent;
 pub mod vfio;
 pub mod vhost_store;
+
+pub use backend::{AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome};
+pub use device::{BlockDriver, DeviceInfo, DeviceKind, GuestAddress, HostDevice};
+pub use manager::{
+    DetachOutcome, DeviceId, DeviceManager, DeviceRecord, DeviceStatus, ManagerConfig, ManagerError,
+};
+pub use resolve::{ResolveError, Resolver, ResolverConfig};
+pub use state::{FileStore, NullStore, StateStore};

@@ -1,0 +1,559 @@
+//! The manager's per-device record and the rules tying a device's kind to the
+//! addresses it holds. Records are persisted as they are (see `state`).
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::alloc::{virtio_drive_name, Space};
+use crate::backend::AttachRequest;
+use crate::device::{
+    BlockDriver, DevType, DeviceInfo, DeviceKind, GuestAddress, HostDevice, ScsiAddr, VhostUserKind,
+};
+
+/// A device's id, displayed and persisted as `dev<N>`. Ids come from a
+/// persisted counter and are never reused within a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub u64);
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dev{}", self.0)
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = String;
+    /// Parses the canonical form only (`dev7`, not `dev07` or `dev+7`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("device id {s:?}: expected dev<N>");
+        let digits = s.strip_prefix("dev").ok_or_else(bad)?;
+        let canonical = digits == "0" || (!digits.starts_with('0') && !digits.is_empty());
+        if !canonical || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        digits.parse().map(DeviceId).map_err(|_| bad())
+    }
+}
+
+impl Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a device is in its attach life cycle.
+///
+/// | status           | attach_count | resources | guest_address |
+/// |------------------|--------------|-----------|---------------|
+/// | `Detached`       | 0            | none      | none          |
+/// | `Attaching`      | 0            | reserved  | none          |
+/// | `Attached`       | >= 1         | held      | some          |
+/// | `Detaching`      | 1            | held      | some          |
+/// | `UnplugPending`  | 1            | held      | some          |
+///
+/// `Attaching` and `Detaching` are persisted before the backend call and are
+/// only ever seen by other callers after a crash (the per-device operation
+/// lock hides them otherwise): the backend call may or may not have happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceStatus {
+    Detached,
+    Attaching,
+    Attached,
+    Detaching,
+    /// An unplug was requested (or a rollback unplug failed) and not
+    /// confirmed: the guest may still use the device, so it keeps everything.
+    UnplugPending,
+}
+
+impl fmt::Display for DeviceStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceStatus::Detached => "detached",
+            DeviceStatus::Attaching => "attaching",
+            DeviceStatus::Attached => "attached",
+            DeviceStatus::Detaching => "detaching",
+            DeviceStatus::UnplugPending => "unplug pending",
+        })
+    }
+}
+
+/// Addresses allocated to a device while it is (being) attached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem_index: Option<u32>,
+    /// One per PCI function, in function order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pci_slots: Vec<u32>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        self.block_index.is_none() && self.pmem_index.is_none() && self.pci_slots.is_empty()
+    }
+
+    /// Every held index with its space.
+    pub fn iter(&self) -> impl Iterator<Item = (Space, u32)> + '_ {
+        self.block_index
+            .map(|i| (Space::Block, i))
+            .into_iter()
+            .chain(self.pmem_index.map(|i| (Space::Pmem, i)))
+            .chain(self.pci_slots.iter().map(|&s| (Space::PciSlot, s)))
+    }
+}
+
+/// One device of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    /// Host path of the node, file or socket (the first user's).
+    pub host_path: PathBuf,
+    pub kind: DeviceKind,
+    /// Block driver, fixed when the record is created (block devices only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<BlockDriver>,
+    /// One entry per reference, oldest first: the OCI request of each user
+    /// (`None` for devices the runtime added itself). The reference count is
+    /// its length; users may differ in container path, mode and owner.
+    pub uses: Vec<Option<DeviceInfo>>,
+    pub attach_count: u32,
+    pub status: DeviceStatus,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_address: Option<GuestAddress>,
+}
+
+impl DeviceRecord {
+    pub fn ref_count(&self) -> u32 {
+        u32::try_from(self.uses.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the guest may see the device (its backend objects may exist).
+    pub fn is_plugged(&self) -> bool {
+        !matches!(self.status, DeviceStatus::Detached)
+    }
+
+    /// Whether the device was opened read-only: the first user's setting
+    /// (every user agrees; the manager refuses a use that does not).
+    pub fn read_only(&self) -> bool {
+        self.uses.first().is_some_and(use_read_only)
+    }
+
+    /// The device as the first user asked for it.
+    pub fn host_device(&self) -> HostDevice {
+        HostDevice {
+            info: self.uses.first().cloned().flatten(),
+            host_path: self.host_path.clone(),
+            kind: self.kind.clone(),
+        }
+    }
+
+    /// Predicted virtio-blk name (`vdb`) for devices that show up as one
+    /// (virtio-blk, virtio-mmio, vhost-user-blk). SCSI disks get none: the
+    /// guest names them `sdX` in probe order and finds them by address.
+    pub fn drive_name(&self) -> Option<String> {
+        let plan = Plan::of(&self.kind, self.driver);
+        self.resources
+            .block_index
+            .filter(|_| plan.drive_name)
+            .map(virtio_drive_name)
+    }
+
+    /// SCSI address on the virtio-scsi controller (virtio-scsi disks only).
+    pub fn scsi_addr(&self) -> Option<ScsiAddr> {
+        let plan = Plan::of(&self.kind, self.driver);
+        self.resources
+            .block_index
+            .filter(|_| plan.scsi)
+            .and_then(ScsiAddr::from_index)
+    }
+
+    pub fn block_index(&self) -> Option<u32> {
+        self.resources.block_index
+    }
+
+    pub fn pmem_index(&self) -> Option<u32> {
+        self.resources.pmem_index
+    }
+
+    pub fn pci_slots(&self) -> &[u32] {
+        &self.resources.pci_slots
+    }
+
+    /// Container paths of every user.
+    pub fn container_paths(&self) -> impl Iterator<Item = &Path> {
+        self.uses
+            .iter()
+            .flatten()
+            .map(|i| i.container_path.as_path())
+    }
+
+    /// `dev3 (block /dev/sda as /dev/xvda)`: how errors name the device.
+    pub fn describe(&self) -> String {
+        describe(
+            Some(self.id),
+            &self.kind,
+            &self.host_path,
+            self.uses.first().and_then(Option::as_ref),
+        )
+    }
+
+    /// The backend request for the record's current resources.
+    pub fn request(&self) -> AttachRequest {
+        AttachRequest {
+            id: self.id.to_string(),
+            kind: self.kind.clone(),
+            host_path: self.host_path.clone(),
+            read_only: self.read_only(),
+            driver: self.driver,
+            block_index: self.resources.block_index,
+            drive_name: self.drive_name(),
+            scsi_addr: self.scsi_addr(),
+            pmem_index: self.resources.pmem_index,
+            pci_slots: self.resources.pci_slots.clone(),
+        }
+    }
+
+    /// Checks the record's own invariants (see [`DeviceStatus`]).
+    pub fn check(&self) -> Result<(), String> {
+        let plan = Plan::of(&self.kind, self.driver);
+        if self.uses.is_empty() {
+            return Err("reference count is 0".into());
+        }
+        if self.attach_count > self.ref_count() {
+            return Err(format!(
+                "attach count {} exceeds reference count {}",
+                self.attach_count,
+                self.ref_count()
+            ));
+        }
+        if matches!(self.kind, DeviceKind::Block) != self.driver.is_some() {
+            return Err("block devices and only they carry a driver".into());
+        }
+        if let DeviceKind::Vfio(group) = &self.kind {
+            if group.functions.is_empty() {
+                return Err("VFIO group has no functions".into());
+            }
+        }
+        if self
+            .uses
+            .iter()
+            .any(|u| use_read_only(u) != self.read_only())
+        {
+            return Err("users disagree on read-only".into());
+        }
+        let key = DedupeKey::of(
+            &self.kind,
+            &self.host_path,
+            self.uses.first().and_then(Option::as_ref),
+        );
+        if self
+            .uses
+            .iter()
+            .any(|u| DedupeKey::of(&self.kind, &self.host_path, u.as_ref()) != key)
+        {
+            return Err("users name different devices".into());
+        }
+        use DeviceStatus::*;
+        let count_ok = match self.status {
+            Detached | Attaching => self.attach_count == 0,
+            Attached => self.attach_count >= 1,
+            Detaching | UnplugPending => self.attach_count == 1,
+        };
+        if !count_ok {
+            return Err(format!(
+                "attach count {} is impossible while {}",
+                self.attach_count, self.status
+            ));
+        }
+        if matches!(self.status, Attached | Detaching | UnplugPending)
+            != self.guest_address.is_some()
+        {
+            return Err(format!(
+                "guest address does not match status {}",
+                self.status
+            ));
+        }
+        if plan.generic && matches!(self.status, Attaching | Detaching | UnplugPending) {
+            return Err(format!("generic devices are never {}", self.status));
+        }
+        let expected = if matches!(self.status, Detached) {
+            Plan::NONE
+        } else {
+            plan
+        };
+        let r = &self.resources;
+        if r.block_index.is_some() != expected.block
+            || r.pmem_index.is_some() != expected.pmem
+            || r.pci_slots.len() != expected.pci_slots
+        {
+            let yes = |b: bool| if b { "one" } else { "none" };
+            return Err(format!(
+                "a {} device that is {} holds {} but needs block index: {}, pmem index: {}, PCI slots: {}",
+                self.kind.name(),
+                self.status,
+                describe_resources(r),
+                yes(expected.block),
+                yes(expected.pmem),
+                expected.pci_slots
+            ));
+        }
+        if plan.scsi && self.scsi_addr().is_none() && r.block_index.is_some() {
+            return Err("block index has no SCSI address".into());
+        }
+        Ok(())
+    }
+}
+
+fn describe_resources(r: &Resources) -> String {
+    if r.is_empty() {
+        return "no addresses".into();
+    }
+    let mut parts = Vec::new();
+    if let Some(i) = r.block_index {
+        parts.push(format!("block index {i}"));
+    }
+    if let Some(i) = r.pmem_index {
+        parts.push(format!("pmem index {i}"));
+    }
+    if !r.pci_slots.is_empty() {
+        parts.push(format!("PCI slots {:?}", r.pci_slots));
+    }
+    parts.join(", ")
+}
+
+fn use_read_only(info: &Option<DeviceInfo>) -> bool {
+    info.as_ref().is_some_and(|i| i.read_only)
+}
+
+pub(crate) fn describe(
+    id: Option<DeviceId>,
+    kind: &DeviceKind,
+    host_path: &Path,
+    info: Option<&DeviceInfo>,
+) -> String {
+    let mut s = match id {
+        Some(id) => format!("{id} ({} {}", kind.name(), host_path.display()),
+        None => format!("({} {}", kind.name(), host_path.display()),
+    };
+    if let Some(info) = info {
+        s.push_str(&format!(" as {}", info.container_path.display()));
+    }
+    s.push(')');
+    s
+}
+
+/// What attaching a device takes, derived from its kind and driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub block: bool,
+    pub drive_name: bool,
+    pub scsi: bool,
+    pub pmem: bool,
+    pub pci_slots: usize,
+    /// Counted only, never sent to the backend.
+    pub generic: bool,
+    /// Can only be added before boot.
+    pub coldplug_only: bool,
+}
+
+impl Plan {
+    const NONE: Plan = Plan {
+        block: false,
+        drive_name: false,
+        scsi: false,
+        pmem: false,
+        pci_slots: 0,
+        generic: false,
+        coldplug_only: false,
+    };
+
+    pub fn of(kind: &DeviceKind, driver: Option<BlockDriver>) -> Plan {
+        let none = Plan::NONE;
+        match kind {
+            DeviceKind::Generic => Plan {
+                generic: true,
+                ..none
+            },
+            DeviceKind::Pmem => Plan { pmem: true, ..none },
+            DeviceKind::Block => match driver.unwrap_or_default() {
+                BlockDriver::VirtioScsi => Plan {
+                    block: true,
+                    scsi: true,
+                    ..none
+                },
+                BlockDriver::VirtioBlk => Plan {
+                    block: true,
+                    drive_name: true,
+                    pci_slots: 1,
+                    ..none
+                },
+                BlockDriver::VirtioMmio => Plan {
+                    block: true,
+                    drive_name: true,
+                    coldplug_only: true,
+                    ..none
+                },
+                BlockDriver::Nvdimm => Plan { pmem: true, ..none },
+            },
+            DeviceKind::VhostUser {
+                vhost: VhostUserKind::Blk,
+                ..
+            } => Plan {
+                block: true,
+                drive_name: true,
+                pci_slots: 1,
+                ..none
+            },
+            DeviceKind::VhostUser {
+                vhost: VhostUserKind::Scsi,
+                ..
+            } => Plan {
+                block: true,
+                pci_slots: 1,
+                ..none
+            },
+            DeviceKind::VhostUser { .. } => Plan {
+                pci_slots: 1,
+                ..none
+            },
+            // One slot per function, mediated devices included.
+            DeviceKind::Vfio(group) => Plan {
+                pci_slots: group.functions.len(),
+                ..none
+            },
+        }
+    }
+}
+
+/// What makes two `new_device` calls the same device: the device numbers
+/// *with* their type (`c 8:0` is not `b 8:0`), or for devices without
+/// numbers (runtime-added, `0:0`) the kind and host path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum DedupeKey {
+    Node {
+        dev_type: DevType,
+        major: u32,
+        minor: u32,
+    },
+    Path {
+        kind: &'static str,
+        host_path: PathBuf,
+    },
+}
+
+impl DedupeKey {
+    pub fn of(kind: &DeviceKind, host_path: &Path, info: Option<&DeviceInfo>) -> DedupeKey {
+        match info {
+            Some(i) if (i.major, i.minor) != (0, 0) => DedupeKey::Node {
+                dev_type: i.dev_type,
+                major: i.major,
+                minor: i.minor,
+            },
+            _ => DedupeKey::Path {
+                kind: kind.name(),
+                host_path: host_path.to_path_buf(),
+            },
+        }
+    }
+
+    pub fn of_record(rec: &DeviceRecord) -> DedupeKey {
+        DedupeKey::of(
+            &rec.kind,
+            &rec.host_path,
+            rec.uses.first().and_then(Option::as_ref),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_canonical_form_only() {
+        assert_eq!("dev0".parse::<DeviceId>(), Ok(DeviceId(0)));
+        assert_eq!("dev42".parse::<DeviceId>(), Ok(DeviceId(42)));
+        assert_eq!(DeviceId(42).to_string(), "dev42");
+        for bad in [
+            "",
+            "dev",
+            "42",
+            "dev07",
+            "dev+7",
+            "dev-1",
+            "dev 1",
+            "dev99999999999999999999",
+            "Dev1",
+        ] {
+            assert!(bad.parse::<DeviceId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn char_and_block_with_same_numbers_differ() {
+        let info = |t| DeviceInfo {
+            container_path: "/dev/x".into(),
+            dev_type: t,
+            major: 8,
+            minor: 0,
+            file_mode: None,
+            uid: None,
+            gid: None,
+            read_only: false,
+            cgroup_access: "rwm".into(),
+        };
+        let b = DedupeKey::of(
+            &DeviceKind::Block,
+            Path::new("/dev/sda"),
+            Some(&info(DevType::Block)),
+        );
+        let c = DedupeKey::of(
+            &DeviceKind::Generic,
+            Path::new("/dev/sda"),
+            Some(&info(DevType::Char)),
+        );
+        assert_ne!(b, c);
+        let mut zero = info(DevType::Char);
+        zero.major = 0;
+        let p1 = DedupeKey::of(&DeviceKind::Generic, Path::new("/a"), Some(&zero));
+        let p2 = DedupeKey::of(&DeviceKind::Generic, Path::new("/b"), Some(&zero));
+        assert_ne!(p1, p2);
+        assert_eq!(
+            p1,
+            DedupeKey::of(&DeviceKind::Generic, Path::new("/a"), None)
+        );
+    }
+
+    #[test]
+    fn plans() {
+        assert!(!Plan::of(&DeviceKind::Block, Some(BlockDriver::Nvdimm)).block);
+        assert!(Plan::of(&DeviceKind::Block, Some(BlockDriver::Nvdimm)).pmem);
+        assert_eq!(
+            Plan::of(&DeviceKind::Block, Some(BlockDriver::VirtioBlk)).pci_slots,
+            1
+        );
+        assert_eq!(
+            Plan::of(&DeviceKind::Block, Some(BlockDriver::VirtioScsi)).pci_slots,
+            0
+        );
+        assert!(Plan::of(&DeviceKind::Block, Some(BlockDriver::VirtioMmio)).coldplug_only);
+        assert!(Plan::of(&DeviceKind::Generic, None).generic);
+    }
+}

@@ -1,0 +1,610 @@
+//! Test doubles: a [`RecordingBackend`] that records every call and fails,
+//! stalls or leaves unplugs pending on request, and a [`FaultyIo`] that makes
+//! state writes fail at a chosen step. Public so later crates' tests and the
+//! benchmarks can use them.
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::backend::{AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome};
+use crate::device::{BlockDriver, DeviceKind, GuestAddress, PciPath, PciSlot};
+use crate::state::{RealIo, StateIo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendOp {
+    Hotplug,
+    Unplug,
+    Coldplug,
+}
+
+/// One call as the backend saw it, recorded when it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendCall {
+    pub op: BackendOp,
+    /// Call number, from 1.
+    pub seq: u64,
+    pub request: AttachRequest,
+}
+
+impl BackendCall {
+    pub fn id(&self) -> &str {
+        &self.request.id
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    calls: Vec<BackendCall>,
+    count: u64,
+    fail_seq: BTreeSet<u64>,
+    fail_on: HashSet<(BackendOp, Option<String>)>,
+    pending_ids: HashSet<String>,
+    pending_next: u32,
+    delays: Vec<(Option<BackendOp>, Option<String>, Duration)>,
+    plugged: BTreeMap<String, AttachRequest>,
+    anomalies: Vec<String>,
+}
+
+fn matches(filter: &(BackendOp, Option<String>), op: BackendOp, id: &str) -> bool {
+    filter.0 == op && filter.1.as_deref().is_none_or(|f| f == id)
+}
+
+/// A fake hypervisor. It keeps the set of devices it has plugged and notes
+/// anomalies (a device plugged twice, unplugged while absent, a generic
+/// device or a request missing its addresses), which a correct manager never
+/// causes. In quiet mode ([`RecordingBackend::quiet`]) it keeps nothing but a
+/// call counter, for benchmarks.
+pub struct RecordingBackend {
+    script: Mutex<Script>,
+    recording: bool,
+}
+
+impl Default for RecordingBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecordingBackend {
+    pub fn new() -> Self {
+        Self {
+            script: Mutex::new(Script::default()),
+            recording: true,
+        }
+    }
+
+    /// Records nothing and tracks nothing; only counts calls and honours
+    /// failure injection.
+    pub fn quiet() -> Self {
+        Self {
+            script: Mutex::new(Script::default()),
+            recording: false,
+        }
+    }
+
+    fn script(&self) -> MutexGuard<'_, Script> {
+        self.script.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<BackendCall> {
+        self.script().calls.clone()
+    }
+
+    /// `(op, id)` of every call so far, in order.
+    pub fn ops(&self) -> Vec<(BackendOp, String)> {
+        self.script()
+            .calls
+            .iter()
+            .map(|c| (c.op, c.request.id.clone()))
+            .collect()
+    }
+
+    /// Number of calls so far (also in quiet mode).
+    pub fn call_count(&self) -> u64 {
+        self.script().count
+    }
+
+    pub fn clear_calls(&self) {
+        self.script().calls.clear();
+    }
+
+    /// Fail call number `seq` (counted from 1 since creation).
+    pub fn fail_call(&self, seq: u64) {
+        self.script().fail_seq.insert(seq);
+    }
+
+    /// Fail the next call, whatever it is.
+    pub fn fail_next(&self) {
+        let mut s = self.script();
+        let next = s.count + 1;
+        s.fail_seq.insert(next);
+    }
+
+    /// Fail every `op` call for device `id` (any device when `None`) until
+    /// [`clear_failures`](Self::clear_failures).
+    pub fn fail_on(&self, op: BackendOp, id: Option<&str>) {
+        self.script().fail_on.insert((op, id.map(str::to_owned)));
+    }
+
+    pub fn clear_failures(&self) {
+        let mut s = self.script();
+        s.fail_on.clear();
+        s.fail_seq.clear();
+    }
+
+    /// Unplugs of `id` report [`UnplugOutcome::Pending`] until
+    /// [`clear_pending`](Self::clear_pending).
+    pub fn pend_unplugs_of(&self, id: &str) {
+        self.script().pending_ids.insert(id.to_owned());
+    }
+
+    /// The next unplug (of any device) reports `Pending`.
+    pub fn pend_next_unplug(&self) {
+        self.script().pending_next += 1;
+    }
+
+    pub fn clear_pending(&self) {
+        let mut s = self.script();
+        s.pending_ids.clear();
+        s.pending_next = 0;
+    }
+
+    /// Sleep `delay` in calls matching `op` and `id` (`None` matches all).
+    pub fn set_delay(&self, op: Option<BackendOp>, id: Option<&str>, delay: Duration) {
+        self.script()
+            .delays
+            .push((op, id.map(str::to_owned), delay));
+    }
+
+    /// The guest released `id` after an unplug that reported `Pending`
+    /// (QEMU's late `DEVICE_DELETED`): it is no longer plugged.
+    pub fn complete_unplug(&self, id: &str) {
+        self.script().plugged.remove(id);
+    }
+
+    /// Devices currently plugged, by id, with the request that plugged them.
+    pub fn plugged(&self) -> BTreeMap<String, AttachRequest> {
+        self.script().plugged.clone()
+    }
+
+    /// Things a correct manager never makes the backend do.
+    pub fn anomalies(&self) -> Vec<String> {
+        self.script().anomalies.clone()
+    }
+
+    async fn call(
+        &self,
+        op: BackendOp,
+        req: &AttachRequest,
+    ) -> Result<Option<GuestAddress>, BackendError> {
+        let (seq, fail, pending, delay) = {
+            let mut s = self.script();
+            s.count += 1;
+            let seq = s.count;
+            if self.recording {
+                s.calls.push(BackendCall {
+                    op,
+                    seq,
+                    request: req.clone(),
+                });
+            }
+            let fail = s.fail_seq.remove(&seq) || s.fail_on.iter().any(|f| matches(f, op, &req.id));
+            let mut pending = false;
+            if op == BackendOp::Unplug && !fail {
+                pending = s.pending_ids.contains(&req.id);
+                if !pending && s.pending_next > 0 {
+                    s.pending_next -= 1;
+                    pending = true;
+                }
+            }
+            let delay = s
+                .delays
+                .iter()
+                .filter(|(o, i, _)| {
+                    o.is_none_or(|o| o == op) && i.as_deref().is_none_or(|i| i == req.id)
+                })
+                .map(|(_, _, d)| *d)
+                .max();
+            (seq, fail, pending, delay)
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        if fail {
+            return Err(BackendError::new(
+                BackendErrorKind::Failed,
+                format!("injected failure of {op:?} {} (call {seq})", req.id),
+            ));
+        }
+        let mut s = self.script();
+        if op == BackendOp::Unplug {
+            if self.recording && !pending && s.plugged.remove(&req.id).is_none() {
+                s.anomalies.push(format!(
+                    "call {seq}: unplug of {} which is not plugged",
+                    req.id
+                ));
+            }
+            return Ok(if pending {
+                None
+            } else {
+                Some(GuestAddress::None)
+            });
+        }
+        let addr = address(req).map_err(|e| {
+            if self.recording {
+                s.anomalies.push(format!("call {seq}: {e}"));
+            }
+            BackendError::new(BackendErrorKind::Unsupported, e)
+        })?;
+        if self.recording && s.plugged.insert(req.id.clone(), req.clone()).is_some() {
+            s.anomalies
+                .push(format!("call {seq}: {} plugged twice", req.id));
+        }
+        Ok(Some(addr))
+    }
+}
+
+fn pci_path(slot: u32) -> Option<PciPath> {
+    PciPath::new(vec![PciSlot::new((slot % 32) as u8, 0)?])
+}
+
+/// Where a real backend would put the device, from the manager's addresses.
+fn address(req: &AttachRequest) -> Result<GuestAddress, String> {
+    let missing = |what: &str| {
+        format!(
+            "{} ({}) reached the backend without {what}",
+            req.id,
+            req.kind.name()
+        )
+    };
+    let first_pci = || {
+        req.pci_slots
+            .first()
+            .and_then(|&s| pci_path(s))
+            .map(GuestAddress::Pci)
+            .ok_or_else(|| missing("a PCI slot"))
+    };
+    let pmem = || {
+        req.pmem_index
+            .map(GuestAddress::Pmem)
+            .ok_or_else(|| missing("a pmem index"))
+    };
+    match &req.kind {
+        DeviceKind::Generic => Err(format!(
+            "{}: generic devices never reach the backend",
+            req.id
+        )),
+        DeviceKind::Pmem => pmem(),
+        DeviceKind::Block => match req.driver {
+            Some(BlockDriver::VirtioScsi) => req
+                .scsi_addr
+                .map(GuestAddress::Scsi)
+                .ok_or_else(|| missing("a SCSI address")),
+            Some(BlockDriver::VirtioBlk) => first_pci(),
+            Some(BlockDriver::VirtioMmio) => req
+                .drive_name
+                .clone()
+                .map(GuestAddress::Mmio)
+                .ok_or_else(|| missing("a drive name")),
+            Some(BlockDriver::Nvdimm) => pmem(),
+            None => Err(missing("a driver")),
+        },
+        DeviceKind::VhostUser { .. } => first_pci(),
+        DeviceKind::Vfio(group) => {
+            if req.pci_slots.len() != group.functions.len() {
+                return Err(missing("one PCI slot per function"));
+            }
+            req.pci_slots
+                .iter()
+                .map(|&s| pci_path(s))
+                .collect::<Option<Vec<_>>>()
+                .map(GuestAddress::Vfio)
+                .ok_or_else(|| missing("valid PCI slots"))
+        }
+    }
+}
+
+#[async_trait]
+impl DeviceBackend for RecordingBackend {
+    async fn hotplug(&self, req: &AttachRequest) -> Result<GuestAddress, BackendError> {
+        self.call(BackendOp::Hotplug, req)
+            .await
+            .map(|a| a.unwrap_or(GuestAddress::None))
+    }
+    async fn unplug(&self, req: &AttachRequest) -> Result<UnplugOutcome, BackendError> {
+        self.call(BackendOp::Unplug, req).await.map(|a| {
+            if a.is_some() {
+                UnplugOutcome::Removed
+            } else {
+                UnplugOutcome::Pending
+            }
+        })
+    }
+    async fn coldplug(&self, req: &AttachRequest) -> Result<GuestAddress, BackendError> {
+        self.call(BackendOp::Coldplug, req)
+            .await
+            .map(|a| a.unwrap_or(GuestAddress::None))
+    }
+}
+
+/// The step of a state write a [`FaultyIo`] fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultStep {
+    /// Writing and syncing the temp file (fails with ENOSPC).
+    Write,
+    /// Renaming it over the state file (EIO).
+    Rename,
+    /// Syncing the directory after the rename (EIO).
+    SyncDir,
+}
+
+#[derive(Default)]
+struct FaultPlan {
+    saves: u64,
+    armed: BTreeMap<u64, FaultStep>,
+    broken: bool,
+}
+
+/// Controls a [`FaultyIo`]; clones share the plan.
+#[derive(Clone, Default)]
+pub struct FaultSwitch(Arc<Mutex<FaultPlan>>);
+
+impl FaultSwitch {
+    fn plan(&self) -> MutexGuard<'_, FaultPlan> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Make the `nth` save from now (1 = the next one) fail at `step`.
+    pub fn fail_save(&self, nth: u64, step: FaultStep) {
+        let mut p = self.plan();
+        let at = p.saves + nth;
+        p.armed.insert(at, step);
+    }
+
+    /// While set, every write fails with ENOSPC (a full disk).
+    pub fn set_broken(&self, broken: bool) {
+        self.plan().broken = broken;
+    }
+
+    /// Save attempts seen so far.
+    pub fn saves(&self) -> u64 {
+        self.plan().saves
+    }
+
+    /// Disarm everything.
+    pub fn clear(&self) {
+        let mut p = self.plan();
+        p.armed.clear();
+        p.broken = false;
+    }
+}
+
+/// A [`StateIo`] over the real file system that fails where its
+/// [`FaultSwitch`] says.
+pub struct FaultyIo {
+    switch: FaultSwitch,
+    /// The step the current save fails at.
+    current: Option<FaultStep>,
+}
+
+impl FaultyIo {
+    pub fn new() -> (Self, FaultSwitch) {
+        let switch = FaultSwitch::default();
+        (
+            Self {
+                switch: switch.clone(),
+                current: None,
+            },
+            switch,
+        )
+    }
+
+    fn check(&self, step: FaultStep) -> io::Result<()> {
+        if self.current == Some(step) {
+            let errno = if step == FaultStep::Write {
+                libc::ENOSPC
+            } else {
+                libc::EIO
+            };
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        Ok(())
+    }
+}
+
+impl StateIo for FaultyIo {
+    fn write_synced(&mut self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        {
+            let mut p = self.switch.plan();
+            p.saves += 1;
+            let n = p.saves;
+            self.current = p.armed.remove(&n).or(p.broken.then_some(FaultStep::Write));
+        }
+        self.check(FaultStep::Write)?;
+        RealIo.write_synced(path, bytes)
+    }
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check(FaultStep::Rename)?;
+        RealIo.rename(from, to)
+    }
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        self.check(FaultStep::SyncDir)?;
+        RealIo.sync_dir(dir)
+    }
+}
+
+/// Builders of resolved devices for tests.
+pub mod devices {
+    use std::path::PathBuf;
+
+    use crate::device::{
+        Bdf, DevType, DeviceInfo, DeviceKind, HostDevice, VfioFunction, VfioGroup, VfioMode,
+        VhostUserKind,
+    };
+
+    /// An OCI request for `container_path` with the given numbers.
+    pub fn info(dev_type: DevType, major: u32, minor: u32, container_path: &str) -> DeviceInfo {
+        DeviceInfo {
+            container_path: container_path.into(),
+            dev_type,
+            major,
+            minor,
+            file_mode: Some(0o660),
+            uid: Some(0),
+            gid: Some(0),
+            read_only: false,
+            cgroup_access: "rwm".into(),
+        }
+    }
+
+    /// Block device `b 8:<n>` at `/dev/disk<n>`, seen as `/dev/xvd<n>`.
+    pub fn block(n: u32) -> HostDevice {
+        HostDevice {
+            info: Some(info(DevType::Block, 8, n, &format!("/dev/xvd{n}"))),
+            host_path: PathBuf::from(format!("/dev/disk{n}")),
+            kind: DeviceKind::Block,
+        }
+    }
+
+    /// A runtime-added block device (no OCI request) backed by `path`.
+    pub fn runtime_block(path: &str) -> HostDevice {
+        HostDevice {
+            info: None,
+            host_path: path.into(),
+            kind: DeviceKind::Block,
+        }
+    }
+
+    /// Char device `c <major>:<minor>` (never plugged).
+    pub fn char_dev(major: u32, minor: u32) -> HostDevice {
+        HostDevice {
+            info: Some(info(
+                DevType::Char,
+                major,
+                minor,
+                &format!("/dev/char{major}_{minor}"),
+            )),
+            host_path: PathBuf::from(format!("/dev/char{major}_{minor}")),
+            kind: DeviceKind::Generic,
+        }
+    }
+
+    /// VFIO group `group` with `pci` PCI functions and `mdevs` mediated ones.
+    pub fn vfio(group: u32, pci: u8, mdevs: u8) -> HostDevice {
+        let mut functions: Vec<VfioFunction> = (0..pci)
+            .map(|f| VfioFunction::Pci {
+                bdf: Bdf {
+                    domain: 0,
+                    bus: (group % 256) as u8,
+                    device: 0,
+                    function: f % 8,
+                },
+                vendor: 0x10de,
+                device: 0x1234,
+                class: 0x030000,
+                is_pcie: true,
+                large_bar: false,
+            })
+            .collect();
+        functions.extend((0..mdevs).map(|m| VfioFunction::Mediated {
+            uuid: format!("00000000-0000-0000-0000-{group:08}{m:04}"),
+            sysfsdev: PathBuf::from(format!("/sys/devices/mdev{group}_{m}")),
+        }));
+        HostDevice {
+            info: Some(info(
+                DevType::Char,
+                243,
+                group,
+                &format!("/dev/vfio/{group}"),
+            )),
+            host_path: PathBuf::from(format!("/dev/vfio/{group}")),
+            kind: DeviceKind::Vfio(VfioGroup {
+                group: group.to_string(),
+                mode: VfioMode::Legacy,
+                functions,
+            }),
+        }
+    }
+
+    /// A vhost-user device of `vhost` kind on socket `/run/vhost/<n>.sock`.
+    pub fn vhost_user(vhost: VhostUserKind, n: u32) -> HostDevice {
+        let socket = PathBuf::from(format!("/run/vhost/{n}.sock"));
+        let (info, tag) = match vhost {
+            VhostUserKind::Blk => (
+                Some(info(DevType::Block, 241, n, &format!("/dev/vhost{n}"))),
+                String::new(),
+            ),
+            VhostUserKind::Scsi => (
+                Some(info(DevType::Block, 242, n, &format!("/dev/vhost{n}"))),
+                String::new(),
+            ),
+            VhostUserKind::Fs => (None, format!("share{n}")),
+            VhostUserKind::Net => (None, String::new()),
+        };
+        HostDevice {
+            info,
+            host_path: socket.clone(),
+            kind: DeviceKind::VhostUser { vhost, socket, tag },
+        }
+    }
+
+    /// A file exposed as nvdimm.
+    pub fn pmem(n: u32) -> HostDevice {
+        HostDevice {
+            info: None,
+            host_path: PathBuf::from(format!("/var/pmem{n}.img")),
+            kind: DeviceKind::Pmem,
+        }
+    }
+}
+
+/// Checks a quiescent manager (no operation in flight) against every
+/// invariant and against what `backend` has plugged. Returns what is wrong.
+pub fn check_consistency(
+    mgr: &crate::manager::DeviceManager,
+    backend: &RecordingBackend,
+) -> Result<(), String> {
+    use crate::manager::DeviceStatus;
+    let snap = mgr.snapshot();
+    crate::state::validate(&snap, mgr.config())?;
+    let expected: BTreeSet<String> = snap
+        .devices
+        .values()
+        .filter(|r| !matches!(r.kind, DeviceKind::Generic))
+        .filter(|r| {
+            matches!(
+                r.status,
+                DeviceStatus::Attached | DeviceStatus::Detaching | DeviceStatus::UnplugPending
+            )
+        })
+        .map(|r| r.id.to_string())
+        .collect();
+    let plugged_ids: BTreeSet<String> = backend.plugged().into_keys().collect();
+    if expected != plugged_ids {
+        return Err(format!(
+            "manager has {expected:?} plugged, backend has {plugged_ids:?}"
+        ));
+    }
+    let plugged = backend.plugged();
+    for rec in snap.devices.values() {
+        if let Some(req) = plugged.get(&rec.id.to_string()) {
+            if *req != rec.request() {
+                return Err(format!(
+                    "{} was plugged with {req:?} but the record says {:?}",
+                    rec.id,
+                    rec.request()
+                ));
+            }
+        }
+    }
+    let anomalies = backend.anomalies();
+    if !anomalies.is_empty() {
+        return Err(format!("backend anomalies: {anomalies:?}"));
+    }
+    Ok(())
+}
