@@ -1,0 +1,339 @@
+//! A running QEMU VM: lifecycle, QMP session, hotplug and unplug.
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{watch, Mutex};
+
+use capsule_devmgr::backend::{
+    AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome,
+};
+use capsule_devmgr::device::GuestAddress;
+
+use crate::description::VmDescription;
+use crate::devices::VmDevices;
+use crate::error::HypervisorError;
+use crate::hotplug::exec::{self, ExecContext};
+use crate::hotplug::{self, pci_slots_needed, unplug, DevicePlan};
+use crate::layout::VmLayout;
+use crate::process::{ExitInfo, VmProcess};
+use crate::qmp::{QmpClient, QmpOptions};
+use crate::RunningVm;
+
+/// A QEMU VM. Cheap to clone. Dropping it leaves the VM running (a later
+/// process may re-attach from its [`VmDescription`]); [`QemuVm::stop`] ends it.
+#[derive(Clone)]
+pub struct QemuVm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    desc: VmDescription,
+    process: VmProcess,
+    qmp: Mutex<Option<QmpClient>>,
+    qmp_opts: QmpOptions,
+    /// Serialises mutating QMP sequences.
+    serial: Mutex<()>,
+    /// Held from choosing free PCI slots until the device is in, so two
+    /// hotplugs without allocated slots never pick the same one.
+    auto_slots: Mutex<()>,
+}
+
+impl std::fmt::Debug for QemuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuVm")
+            .field("pid", &self.pid())
+            .field("run_dir", &self.inner.desc.run_dir)
+            .finish()
+    }
+}
+
+fn qmp_options(desc: &VmDescription) -> QmpOptions {
+    QmpOptions {
+        command_timeout: desc.timeouts.qmp_command(),
+        handshake_timeout: desc.timeouts.qmp_command().min(Duration::from_secs(5)),
+    }
+}
+
+impl QemuVm {
+    pub(crate) fn from_parts(desc: VmDescription, process: VmProcess, qmp: QmpClient) -> Self {
+        let qmp_opts = qmp_options(&desc);
+        Self {
+            inner: Arc::new(Inner {
+                desc,
+                process,
+                qmp: Mutex::new(Some(qmp)),
+                qmp_opts,
+                serial: Mutex::new(()),
+                auto_slots: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Re-attaches to a VM another process started, from its persisted
+    /// description. The pid must still belong to the same process (start
+    /// time check); otherwise nothing is touched.
+    pub async fn attach(desc: VmDescription) -> Result<Self, HypervisorError> {
+        let process = VmProcess::adopt(desc.pid, desc.start_time)?;
+        let qmp_opts = qmp_options(&desc);
+        let qmp = QmpClient::connect(&desc.qmp_socket, qmp_opts).await?;
+        let status = qmp.query_status().await?;
+        tracing::info!(pid = desc.pid, status = %status.status, run_dir = %desc.run_dir.display(), "attached to a running VM");
+        Ok(Self::from_parts(desc, process, qmp))
+    }
+
+    /// [`attach`](Self::attach) from a description file.
+    pub async fn attach_file(path: &Path) -> Result<Self, HypervisorError> {
+        let desc = VmDescription::load(path)
+            .map_err(|e| HypervisorError::io(format!("loading {}", path.display()), e))?;
+        Self::attach(desc).await
+    }
+
+    pub fn description(&self) -> &VmDescription {
+        &self.inner.desc
+    }
+
+    pub fn layout(&self) -> VmLayout {
+        self.inner.desc.layout()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.inner.process.pid()
+    }
+
+    pub fn process(&self) -> &VmProcess {
+        &self.inner.process
+    }
+
+    /// The QMP session, reconnecting when the previous one dropped while
+    /// QEMU still runs.
+    pub async fn qmp(&self) -> Result<QmpClient, HypervisorError> {
+        let mut slot = self.inner.qmp.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.is_connected()) {
+            return Ok(c.clone());
+        }
+        if let Some(info) = self.inner.process.exit_info() {
+            return Err(HypervisorError::Exited {
+                pid: self.pid(),
+                how: info.to_string(),
+            });
+        }
+        tracing::info!(pid = self.pid(), "(re)connecting to QMP");
+        let c = QmpClient::connect(&self.inner.desc.qmp_socket, self.inner.qmp_opts).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Closes this process's QMP session (QEMU serves one at a time), e.g.
+    /// to let another process attach. The next call reconnects.
+    pub async fn disconnect(&self) {
+        if let Some(c) = self.inner.qmp.lock().await.take() {
+            c.close();
+        }
+    }
+
+    /// Reads the real device list from QEMU.
+    pub async fn devices(&self) -> Result<VmDevices, HypervisorError> {
+        let qmp = self.qmp().await?;
+        Ok(VmDevices::query(&qmp).await?)
+    }
+
+    /// `quit`, then SIGTERM, then SIGKILL (each with its timeout); removes
+    /// the sockets, pidfile and description once QEMU is gone.
+    pub async fn stop(&self) -> Result<(), HypervisorError> {
+        let t = self.inner.desc.timeouts;
+        let p = &self.inner.process;
+        if !p.has_exited() {
+            let qmp = self
+                .inner
+                .qmp
+                .lock()
+                .await
+                .take()
+                .filter(|c| c.is_connected());
+            let qmp = match qmp {
+                Some(c) => Some(c),
+                None => QmpClient::connect(&self.inner.desc.qmp_socket, self.inner.qmp_opts)
+                    .await
+                    .ok(),
+            };
+            if let Some(qmp) = qmp {
+                match qmp
+                    .execute_with_timeout("quit", None, Duration::from_millis(t.stop_quit_ms))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.is_disconnected() => {}
+                    Err(e) => tracing::warn!(pid = p.pid(), error = %e, "QMP quit failed"),
+                }
+            }
+            if p.wait_exit(Duration::from_millis(t.stop_quit_ms))
+                .await
+                .is_none()
+                && !p
+                    .terminate(
+                        Duration::from_millis(t.stop_term_ms),
+                        Duration::from_millis(t.stop_kill_ms),
+                    )
+                    .await
+            {
+                return Err(HypervisorError::Stop {
+                    pid: p.pid(),
+                    reason: "still running after SIGKILL".into(),
+                });
+            }
+        }
+        tracing::info!(pid = p.pid(), exit = ?p.exit_info(), "VM stopped");
+        let d = &self.inner.desc;
+        for f in [
+            &d.qmp_socket,
+            &d.agent_socket,
+            &d.pidfile,
+            &d.run_dir.join("vm.json"),
+        ] {
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %f.display(), error = %e, "cleanup after stop"),
+            }
+        }
+        Ok(())
+    }
+
+    fn exec_ctx<'a>(&'a self, qmp: &'a QmpClient) -> ExecContext<'a> {
+        ExecContext {
+            qmp,
+            serial: &self.inner.serial,
+            unplug_timeout: self.inner.desc.timeouts.unplug(),
+            vhost_probe_timeout: self.inner.desc.timeouts.vhost_probe(),
+        }
+    }
+
+    async fn qmp_for(&self, id: &str) -> Result<QmpClient, BackendError> {
+        self.qmp()
+            .await
+            .map_err(|e| BackendError::new(BackendErrorKind::Failed, format!("device {id}: {e}")))
+    }
+
+    /// Picks free device slots (pc: `pci.0` slots of the device range; q35:
+    /// empty root ports) when the manager gave none, so a device never lands
+    /// on a slot the layout reserves.
+    async fn slots_for(
+        &self,
+        req: &AttachRequest,
+        qmp: &QmpClient,
+    ) -> Result<Vec<u32>, BackendError> {
+        let need = pci_slots_needed(req);
+        let layout = self.layout();
+        if !req.pci_slots.is_empty() || need == 0 {
+            return Ok(req.pci_slots.clone());
+        }
+        let buses = qmp
+            .query_pci()
+            .await
+            .map_err(|e| hotplug::qmp_error(&req.id, "query-pci", &e))?;
+        let root = buses.iter().filter(|b| b.bus == 0).flat_map(|b| &b.devices);
+        let busy: BTreeSet<u32> = match layout.machine {
+            crate::config::MachineType::Pc => root.map(|d| d.slot).collect(),
+            crate::config::MachineType::Q35 => root
+                .filter_map(|d| {
+                    let n: u32 = d.qdev_id.strip_prefix("rp")?.parse().ok()?;
+                    d.pci_bridge
+                        .as_ref()
+                        .filter(|b| !b.devices.is_empty())
+                        .map(|_| n)
+                })
+                .collect(),
+        };
+        let free: Vec<u32> = layout
+            .device_slots()
+            .into_iter()
+            .filter(|s| !busy.contains(s))
+            .take(need)
+            .collect();
+        if free.len() < need {
+            return Err(BackendError::new(
+                BackendErrorKind::Failed,
+                format!(
+                    "device {}: needs {need} free PCI slots, {} left",
+                    req.id,
+                    free.len()
+                ),
+            ));
+        }
+        Ok(free)
+    }
+
+    fn plan(&self, req: &AttachRequest, slots: &[u32]) -> Result<DevicePlan, BackendError> {
+        hotplug::plan(req, &self.layout(), slots)
+    }
+}
+
+#[async_trait]
+impl DeviceBackend for QemuVm {
+    async fn hotplug(&self, req: &AttachRequest) -> Result<GuestAddress, BackendError> {
+        tracing::info!(device = %req.id, kind = req.kind.name(), host_path = %req.host_path.display(), "hotplug");
+        // Refusals that need no QEMU come first.
+        let plan = self.plan(req, &req.pci_slots)?;
+        if plan.steps.is_empty() {
+            return Ok(GuestAddress::None);
+        }
+        let qmp = self.qmp_for(&req.id).await?;
+        let _auto = if req.pci_slots.is_empty() && pci_slots_needed(req) > 0 {
+            Some(self.inner.auto_slots.lock().await)
+        } else {
+            None
+        };
+        let slots = self.slots_for(req, &qmp).await?;
+        let plan = if slots != req.pci_slots {
+            self.plan(req, &slots)?
+        } else {
+            plan
+        };
+        exec::hotplug(&self.exec_ctx(&qmp), &plan).await
+    }
+
+    async fn unplug(&self, req: &AttachRequest) -> Result<UnplugOutcome, BackendError> {
+        tracing::info!(device = %req.id, kind = req.kind.name(), "unplug");
+        let plan = hotplug::removal_plan(req, &self.layout())?;
+        if plan.unplug_unsupported.is_none() && plan.steps.is_empty() {
+            return Ok(UnplugOutcome::Removed);
+        }
+        if let Some(why) = plan.unplug_unsupported {
+            return Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!("device {}: {why}", req.id),
+            ));
+        }
+        let qmp = self.qmp_for(&req.id).await?;
+        unplug::unplug(&self.exec_ctx(&qmp), &plan).await
+    }
+
+    async fn coldplug(&self, req: &AttachRequest) -> Result<GuestAddress, BackendError> {
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!("device {}: the VM is already running; cold-plug happens before start (use hotplug)", req.id),
+        ))
+    }
+}
+
+#[async_trait]
+impl RunningVm for QemuVm {
+    fn pid(&self) -> u32 {
+        QemuVm::pid(self)
+    }
+    fn description(&self) -> &VmDescription {
+        QemuVm::description(self)
+    }
+    fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.inner.process.exit_watch()
+    }
+    async fn devices(&self) -> Result<VmDevices, HypervisorError> {
+        QemuVm::devices(self).await
+    }
+    async fn stop(&self) -> Result<(), HypervisorError> {
+        QemuVm::stop(self).await
+    }
+}

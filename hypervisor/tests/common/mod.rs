@@ -1,0 +1,485 @@
+//! Test harness: guest image, VMs in temp dirs, the guest shell over
+//! `agent.channel.0`, loop devices, leak snapshots.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use capsule_devmgr::backend::AttachRequest;
+use capsule_devmgr::device::{BlockDriver, DeviceKind};
+use capsule_hypervisor::config::{AccelMode, MachineType, PmemConfig, VmConfig};
+use capsule_hypervisor::{QemuVm, VmBuilder};
+
+pub const READY_MARKER: &str = "CAPSULE-TEST-INIT READY";
+
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("capsule_hypervisor=info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Kernel and test initramfs. Builds them with guest/build.sh when missing;
+/// fails with what to do when that is not possible.
+pub fn guest_images() -> (PathBuf, PathBuf) {
+    static BUILD: Once = Once::new();
+    let dir = std::env::var_os("CAPSULE_GUEST_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("guest"));
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs-test.img");
+    if !(kernel.is_file() && initrd.is_file()) {
+        BUILD.call_once(|| {
+            let script = workspace_root().join("guest/build.sh");
+            if script.is_file() {
+                eprintln!("guest image missing; running {}", script.display());
+                let _ = Command::new(&script).status();
+            }
+        });
+    }
+    assert!(
+        kernel.is_file() && initrd.is_file(),
+        "guest image missing: {} and {} are needed. Build them with `make guest` (guest/build.sh).",
+        kernel.display(),
+        initrd.display()
+    );
+    (kernel, initrd)
+}
+
+/// Checks a host binary is there; panics with what to install otherwise.
+pub fn require_binary(name: &str, install: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found in PATH or ~/.cargo/bin: {install}"))
+}
+
+pub fn require_qemu() -> PathBuf {
+    require_binary(
+        "qemu-system-x86_64",
+        "install it with `apt-get install qemu-system-x86`",
+    )
+}
+
+/// How to boot a test VM.
+#[derive(Clone)]
+pub struct VmOpts {
+    pub machine: MachineType,
+    pub guest: bool,
+    pub shared_memory: bool,
+    pub pmem: bool,
+    pub block_driver: BlockDriver,
+    pub unplug_ms: u64,
+    pub qmp_ms: u64,
+}
+
+impl Default for VmOpts {
+    fn default() -> Self {
+        Self {
+            machine: MachineType::Pc,
+            guest: true,
+            shared_memory: true,
+            pmem: false,
+            block_driver: BlockDriver::VirtioScsi,
+            unplug_ms: 8_000,
+            qmp_ms: 10_000,
+        }
+    }
+}
+
+/// A VM in its own temp dir. Stopped on `shutdown` (or killed on drop).
+pub struct TestVm {
+    pub vm: QemuVm,
+    pub dir: tempfile::TempDir,
+    pub config: VmConfig,
+}
+
+pub fn test_config(dir: &Path, opts: &VmOpts) -> VmConfig {
+    let mut cfg = VmConfig::new(dir.join("run"));
+    cfg.qemu_binary = require_qemu();
+    cfg.machine = opts.machine;
+    cfg.pcie_root_ports = 4;
+    cfg.accel = AccelMode::Tcg;
+    cfg.memory_mb = 256;
+    cfg.shared_memory = opts.shared_memory;
+    cfg.block_driver = opts.block_driver;
+    cfg.die_with_parent = true;
+    cfg.timeouts.unplug_ms = opts.unplug_ms;
+    cfg.timeouts.qmp_command_ms = opts.qmp_ms;
+    cfg.timeouts.startup_ms = 20_000;
+    if opts.pmem {
+        cfg.pmem = Some(PmemConfig {
+            slots: 4,
+            maxmem_mb: 2048,
+        });
+    }
+    if opts.guest {
+        let (kernel, initrd) = guest_images();
+        cfg.kernel = Some(kernel);
+        cfg.initrd = Some(initrd);
+        cfg.cmdline = "console=ttyS0 panic=-1 quiet".into();
+    }
+    cfg
+}
+
+impl TestVm {
+    /// Boots a VM (with `cold` devices) and, with a guest, waits for READY.
+    pub async fn boot_with(opts: VmOpts, cold: Vec<AttachRequest>) -> Result<Self> {
+        init_tracing();
+        let dir = tempfile::Builder::new().prefix("caphv").tempdir()?;
+        let config = test_config(dir.path(), &opts);
+        let builder = VmBuilder::new(config.clone())?;
+        for req in &cold {
+            use capsule_devmgr::backend::DeviceBackend;
+            builder
+                .coldplug(req)
+                .await
+                .map_err(|e| anyhow!("coldplug {}: {e}", req.id))?;
+        }
+        let vm = builder.start().await?;
+        let t = TestVm { vm, dir, config };
+        if opts.guest {
+            t.wait_console(READY_MARKER, Duration::from_secs(90))
+                .await?;
+        }
+        Ok(t)
+    }
+
+    pub async fn boot(opts: VmOpts) -> Result<Self> {
+        Self::boot_with(opts, vec![]).await
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.config.console_log()).unwrap_or_default()
+    }
+
+    pub async fn wait_console(&self, marker: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(marker) {
+                return Ok(());
+            }
+            if self.vm.process().has_exited() {
+                bail!(
+                    "QEMU exited before {marker:?}; console:\n{}",
+                    self.console()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no {marker:?} within {timeout:?}; console:\n{}",
+                    self.console()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn shell(&self) -> Result<GuestShell> {
+        GuestShell::connect(&self.config.agent_socket()).await
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        Snapshot::take(&self.vm).await
+    }
+
+    pub async fn shutdown(self) -> Result<()> {
+        let pid = self.vm.pid();
+        self.vm.stop().await?;
+        assert!(self.vm.process().has_exited());
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "QEMU {pid} left as a zombie"
+        );
+        for f in [
+            self.config.qmp_socket(),
+            self.config.agent_socket(),
+            self.config.pidfile(),
+        ] {
+            assert!(!f.exists(), "{} left behind", f.display());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        // Test failed before shutdown: do not leave QEMU running.
+        let _ = self.vm.process().signal(libc::SIGKILL);
+    }
+}
+
+/// QEMU's view of leftovers, compared before and after a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub chardevs: Vec<String>,
+    pub block_nodes: Vec<String>,
+    pub peripheral: Vec<String>,
+    pub objects: Vec<String>,
+    pub fds: usize,
+}
+
+impl Snapshot {
+    pub async fn take(vm: &QemuVm) -> Result<Self> {
+        let qmp = vm.qmp().await?;
+        let mut chardevs: Vec<String> = qmp
+            .query_chardev()
+            .await?
+            .into_iter()
+            .map(|c| c.label)
+            .collect();
+        chardevs.sort();
+        // Every node, auto-named ones included.
+        let mut block_nodes: Vec<String> = qmp
+            .query_named_block_nodes()
+            .await?
+            .into_iter()
+            .map(|n| n.node_name)
+            .collect();
+        block_nodes.sort();
+        let mut peripheral: Vec<String> = qmp
+            .peripheral_devices()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        peripheral.sort();
+        let mut objects: Vec<String> = qmp
+            .user_objects()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        objects.sort();
+        Ok(Self {
+            chardevs,
+            block_nodes,
+            peripheral,
+            objects,
+            fds: vm.process().fd_count()?,
+        })
+    }
+}
+
+/// The guest's command shell over the virtio-serial port.
+pub struct GuestShell {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    seq: u64,
+}
+
+impl GuestShell {
+    pub async fn connect(path: &Path) -> Result<Self> {
+        let mut stream = UnixStream::connect(path)
+            .await
+            .with_context(|| format!("connecting to the agent channel {}", path.display()))?;
+        // A lone newline ends any partial line an earlier client left.
+        stream.write_all(b"\n").await?;
+        let mut s = Self {
+            stream,
+            buf: Vec::new(),
+            seq: 0,
+        };
+        // The guest restarts its shell every 0.2 s while nobody is connected.
+        s.run_ok("true", Duration::from_secs(20)).await?;
+        Ok(s)
+    }
+
+    /// Runs `cmd`; returns (exit status, output).
+    pub async fn run(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String)> {
+        let tag = self.start(cmd).await?;
+        self.finish(&tag, cmd, timeout).await
+    }
+
+    /// Sends `cmd` without waiting; returns the tag for [`finish`](Self::finish).
+    pub async fn start(&mut self, cmd: &str) -> Result<String> {
+        self.seq += 1;
+        let tag = format!("{}_{}", std::process::id(), self.seq);
+        let line = format!("echo __BEGIN_{tag}__; {cmd}\necho __END_{tag}__ $?\n");
+        self.stream.write_all(line.as_bytes()).await?;
+        Ok(tag)
+    }
+
+    /// Waits for the command started as `tag`.
+    pub async fn finish(
+        &mut self,
+        tag: &str,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<(i32, String)> {
+        let begin = format!("__BEGIN_{tag}__\n");
+        let end = format!("__END_{tag}__ ");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let text = String::from_utf8_lossy(&self.buf).into_owned();
+            if let Some(b) = text.find(&begin) {
+                let body_start = b + begin.len();
+                if let Some(e) = text[body_start..].find(&end) {
+                    let after = &text[body_start + e + end.len()..];
+                    if let Some(nl) = after.find('\n') {
+                        let status: i32 = after[..nl].trim().parse().context("bad exit status")?;
+                        let body = text[body_start..body_start + e].to_owned();
+                        let consumed = body_start + e + end.len() + nl + 1;
+                        self.buf = text.as_bytes()[consumed..].to_vec();
+                        return Ok((status, body));
+                    }
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| {
+                    anyhow!("guest command {cmd:?} did not finish within {timeout:?}")
+                })??;
+            if n == 0 {
+                bail!("agent channel closed while running {cmd:?}");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Runs `cmd`, requiring exit status 0; returns its output.
+    pub async fn run_ok(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
+        let (status, out) = self.run(cmd, timeout).await?;
+        if status != 0 {
+            bail!("guest command {cmd:?} exited {status}: {out}");
+        }
+        Ok(out)
+    }
+}
+
+/// A loop device over a file in a temp dir; detached on drop.
+pub struct LoopDev {
+    pub device: PathBuf,
+    pub file: PathBuf,
+}
+
+impl LoopDev {
+    pub fn new(dir: &Path, name: &str, size: u64) -> Result<Self> {
+        let losetup = require_binary("losetup", "install util-linux");
+        let file = dir.join(name);
+        std::fs::File::create(&file)?.set_len(size)?;
+        let out = Command::new(losetup)
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "losetup --find --show {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let device = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        Ok(Self { device, file })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// A request as the device manager would build it.
+pub fn request(id: &str, kind: DeviceKind, host_path: &Path) -> AttachRequest {
+    AttachRequest {
+        id: id.into(),
+        kind,
+        host_path: host_path.to_path_buf(),
+        read_only: false,
+        driver: None,
+        block_index: None,
+        drive_name: None,
+        scsi_addr: None,
+        pmem_index: None,
+        pci_slots: vec![],
+    }
+}
+
+/// A byte pattern recognisable in the guest and on the host.
+pub fn pattern(tag: &str, len: usize) -> Vec<u8> {
+    tag.as_bytes().iter().copied().cycle().take(len).collect()
+}
+
+/// Runs a background process (a vhost-user backend) killed on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub name: String,
+}
+
+impl Daemon {
+    pub fn spawn(cmd: &mut Command, name: &str, log: &Path) -> Result<Self> {
+        let f = std::fs::File::create(log)?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            child,
+            name: name.into(),
+        })
+    }
+
+    /// Waits until `path` exists (the daemon's socket), or the daemon dies.
+    pub fn wait_for(&mut self, path: &Path, timeout: Duration, log: &Path) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}): {}",
+                    self.name,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not create {} within {timeout:?}",
+                    self.name,
+                    path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
