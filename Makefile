@@ -31,6 +31,7 @@ test: deps guest
 bench: deps guest
 	mkdir -p $(BENCH_DIR)
 	$(CARGO) bench -p capsule-devmgr --bench devmgr
+	$(CARGO) bench -p capsule-hypervisor --bench hotplug
 
 # Bounded cargo-fuzz runs of every target (needs the nightly toolchain).
 fuzz: deps
