@@ -70,6 +70,29 @@ pub struct DeviceInfo {
     pub cgroup_access: String,
 }
 
+impl DeviceInfo {
+    /// A request for `container_path` with the given numbers and OCI
+    /// defaults: no mode or owner given, writable, cgroup access `rwm`.
+    pub fn new(
+        container_path: impl Into<PathBuf>,
+        dev_type: DevType,
+        major: u32,
+        minor: u32,
+    ) -> Self {
+        Self {
+            container_path: container_path.into(),
+            dev_type,
+            major,
+            minor,
+            file_mode: None,
+            uid: None,
+            gid: None,
+            read_only: false,
+            cgroup_access: "rwm".into(),
+        }
+    }
+}
+
 /// Which vhost-user device a backend socket serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 pub(crate) use record::{DedupeKey, Plan};
 pub use record::{DeviceId, DeviceRecord, DeviceStatus, Resources};
 
-use crate::alloc::{AllocError, Allocators, MAX_SPACE_LEN};
+use crate::alloc::{AllocError, Allocators, IndexAllocator, MAX_SPACE_LEN};
 use crate::backend::{BackendError, DeviceBackend, UnplugOutcome};
 use crate::device::{BlockDriver, DeviceInfo, DeviceKind, GuestAddress, HostDevice};
 use crate::state::{self, SandboxState, StateError, StateStore};
@@ -248,37 +248,37 @@ fn reset_detached(rec: &mut DeviceRecord, alloc: &mut Allocators) {
 }
 
 fn release(alloc: &mut Allocators, res: &Resources, id: DeviceId) {
-    let results = [
-        res.block_index.map(|i| alloc.block.free(i)),
-        res.pmem_index.map(|i| alloc.pmem.free(i)),
-    ];
-    let slots = res.pci_slots.iter().map(|&s| Some(alloc.pci.free(s)));
-    for e in results
-        .into_iter()
-        .chain(slots)
-        .flatten()
-        .filter_map(Result::err)
-    {
-        // Cannot happen while the allocators match the records (checked on
-        // load, kept by every operation); never free what was not held.
-        tracing::error!(device = %id, error = %e, "address release failed");
-    }
+    for_each_address(alloc, res, id, "release", IndexAllocator::free);
 }
 
 /// Takes back exactly `res` (undoing a [`release`] whose save failed).
 fn reclaim(alloc: &mut Allocators, res: &Resources, id: DeviceId) {
-    let results = [
-        res.block_index.map(|i| alloc.block.reserve(i)),
-        res.pmem_index.map(|i| alloc.pmem.reserve(i)),
+    for_each_address(alloc, res, id, "reclaim", IndexAllocator::reserve);
+}
+
+/// Applies `op` to every address `res` holds in its allocator. Failures
+/// cannot happen while the allocators match the records (checked on load,
+/// kept by every operation); they are logged, never acted on twice.
+fn for_each_address(
+    alloc: &mut Allocators,
+    res: &Resources,
+    id: DeviceId,
+    what: &str,
+    op: fn(&mut IndexAllocator, u32) -> Result<(), AllocError>,
+) {
+    let held = [
+        (&mut alloc.block, res.block_index),
+        (&mut alloc.pmem, res.pmem_index),
     ];
-    let slots = res.pci_slots.iter().map(|&s| Some(alloc.pci.reserve(s)));
-    for e in results
-        .into_iter()
-        .chain(slots)
-        .flatten()
-        .filter_map(Result::err)
-    {
-        tracing::error!(device = %id, error = %e, "address reclaim failed");
+    for (space, index) in held {
+        if let Some(Err(e)) = index.map(|i| op(space, i)) {
+            tracing::error!(device = %id, error = %e, "address {what} failed");
+        }
+    }
+    for &slot in &res.pci_slots {
+        if let Err(e) = op(&mut alloc.pci, slot) {
+            tracing::error!(device = %id, error = %e, "address {what} failed");
+        }
     }
 }
 

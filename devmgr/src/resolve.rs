@@ -429,17 +429,7 @@ mod tests {
     use super::*;
 
     fn info(path: &str, dev_type: DevType, major: u32, minor: u32) -> DeviceInfo {
-        DeviceInfo {
-            container_path: path.into(),
-            dev_type,
-            major,
-            minor,
-            file_mode: None,
-            uid: None,
-            gid: None,
-            read_only: false,
-            cgroup_access: "rwm".into(),
-        }
+        DeviceInfo::new(path, dev_type, major, minor)
     }
 
     #[test]

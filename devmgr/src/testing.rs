@@ -450,15 +450,10 @@ pub mod devices {
     /// An OCI request for `container_path` with the given numbers.
     pub fn info(dev_type: DevType, major: u32, minor: u32, container_path: &str) -> DeviceInfo {
         DeviceInfo {
-            container_path: container_path.into(),
-            dev_type,
-            major,
-            minor,
             file_mode: Some(0o660),
             uid: Some(0),
             gid: Some(0),
-            read_only: false,
-            cgroup_access: "rwm".into(),
+            ..DeviceInfo::new(container_path, dev_type, major, minor)
         }
     }
 

@@ -175,17 +175,7 @@ mod tests {
     use super::*;
 
     fn info(dev_type: DevType, major: u32) -> DeviceInfo {
-        DeviceInfo {
-            container_path: "/dev/x".into(),
-            dev_type,
-            major,
-            minor: 0,
-            file_mode: None,
-            uid: None,
-            gid: None,
-            read_only: false,
-            cgroup_access: "rwm".into(),
-        }
+        DeviceInfo::new("/dev/x", dev_type, major, 0)
     }
 
     #[test]

@@ -186,15 +186,10 @@ fn write(path: &Path, content: &[u8]) {
 
 fn info(path: &str, dev_type: DevType, major: u32, minor: u32) -> DeviceInfo {
     DeviceInfo {
-        container_path: path.into(),
-        dev_type,
-        major,
-        minor,
         file_mode: Some(0o666),
         uid: Some(0),
         gid: Some(0),
-        read_only: false,
-        cgroup_access: "rwm".into(),
+        ..DeviceInfo::new(path, dev_type, major, minor)
     }
 }
 

@@ -508,17 +508,7 @@ mod tests {
 
     #[test]
     fn char_and_block_with_same_numbers_differ() {
-        let info = |t| DeviceInfo {
-            container_path: "/dev/x".into(),
-            dev_type: t,
-            major: 8,
-            minor: 0,
-            file_mode: None,
-            uid: None,
-            gid: None,
-            read_only: false,
-            cgroup_access: "rwm".into(),
-        };
+        let info = |t| DeviceInfo::new("/dev/x", t, 8, 0);
         let b = DedupeKey::of(
             &DeviceKind::Block,
             Path::new("/dev/sda"),
