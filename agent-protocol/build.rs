@@ -19,7 +19,10 @@ fn generate() {
         .include("protos")
         .rust_protobuf()
         .rust_protobuf_customize(ProtobufCustomize::default().generate_accessors(true))
-        .customize(Customize { async_all: true, ..Default::default() })
+        .customize(Customize {
+            async_all: true,
+            ..Default::default()
+        })
         .out_dir(&out)
         .run()
         .expect("ttrpc-codegen failed on protos/agent.proto");

@@ -1,5 +1,10 @@
-//! Guest agent: arrives with the agent step (issue 4).
+//! capsule-agent: `/init` of the guest image. The hidden subcommands are the
+//! agent re-executing itself as a container process (see
+//! `capsule_agent::container::child`).
 fn main() {
-    eprintln!("capsule-agent is not implemented yet (issue 4)");
-    std::process::exit(1);
+    match std::env::args().nth(1).as_deref() {
+        Some("init-container") => capsule_agent::container::child::init_container_main(),
+        Some("exec-enter") => capsule_agent::container::child::exec_enter_main(),
+        _ => capsule_agent::run_agent(),
+    }
 }

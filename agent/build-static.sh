@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the guest agent as a static binary and packs it as /init of
+# target/guest/initramfs.img (next to target/guest/vmlinuz).
+#
+#   agent/build-static.sh [guest/build.sh options, e.g. --force]
+#
+# The agent is built in its own target dir (target/agent) so the static
+# RUSTFLAGS do not invalidate the host build. Output:
+#   target/agent/x86_64-unknown-linux-gnu/release/capsule-agent
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=x86_64-unknown-linux-gnu
+bin=target/agent/$target/release/capsule-agent
+
+# Static glibc; no debug info (it would only grow the initramfs).
+RUSTFLAGS="-C target-feature=+crt-static" \
+CARGO_PROFILE_RELEASE_DEBUG=0 \
+CARGO_PROFILE_RELEASE_STRIP=symbols \
+    cargo build --release -p capsule-agent --bin capsule-agent --target "$target" --target-dir target/agent
+
+if readelf -l "$bin" | grep -q 'INTERP'; then
+    echo "build-static: $bin is dynamically linked" >&2
+    exit 1
+fi
+if command -v file >/dev/null; then
+    file "$bin"
+fi
+exec guest/build.sh --init "$bin" "$@"

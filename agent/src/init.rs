@@ -1,0 +1,234 @@
+//! PID 1 duties: filesystems, console, kernel modules, cgroups, loopback,
+//! and never exiting (PID 1 dying panics the kernel).
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+
+/// True when the agent should act as the guest's init: PID 1 and not
+/// disabled with `CAPSULE_AGENT_NO_INIT=1` (host tests).
+pub fn is_init() -> bool {
+    std::process::id() == 1 && std::env::var("CAPSULE_AGENT_NO_INIT").as_deref() != Ok("1")
+}
+
+/// Mounts the guest's base filesystems. Runs before logging is set up, so
+/// failures go to the console directly. Already-mounted is fine.
+pub fn mount_base() {
+    let nosuid = MsFlags::MS_NOSUID;
+    let nodev = MsFlags::MS_NODEV;
+    let noexec = MsFlags::MS_NOEXEC;
+    let table: &[(&str, &str, &str, MsFlags, &str)] = &[
+        ("proc", "/proc", "proc", nosuid | nodev | noexec, ""),
+        ("sysfs", "/sys", "sysfs", nosuid | nodev | noexec, ""),
+        ("devtmpfs", "/dev", "devtmpfs", nosuid, "mode=0755"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            nosuid | noexec,
+            "gid=5,mode=0620,ptmxmode=0666",
+        ),
+        ("shm", "/dev/shm", "tmpfs", nosuid | nodev, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", nosuid | nodev, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", nosuid | nodev, "mode=1777"),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid | nodev | noexec,
+            "nsdelegate",
+        ),
+    ];
+    for (src, dst, fstype, flags, data) in table {
+        let _ = std::fs::create_dir_all(dst);
+        let data = (!data.is_empty()).then_some(*data);
+        match mount(Some(*src), *dst, Some(*fstype), *flags, data) {
+            Ok(()) | Err(Errno::EBUSY) => {}
+            Err(e) => console(&format!(
+                "capsule-agent: mount {fstype} on {dst}: {}",
+                e.desc()
+            )),
+        }
+    }
+}
+
+/// Points stdin at /dev/null and stdout/stderr at /dev/console (ttyS0).
+pub fn setup_console() {
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
+    if let Ok(con) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        unsafe {
+            libc::dup2(con.as_raw_fd(), 1);
+            libc::dup2(con.as_raw_fd(), 2);
+        }
+    }
+    std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+}
+
+/// Writes one line straight to the console (works before and after logging).
+pub fn console(msg: &str) {
+    if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        let _ = writeln!(c, "{msg}");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
+/// `name -> path` from `modules.dep` ("kernel/x/y.ko: deps"), with '-' as '_'.
+pub fn parse_modules_dep(dep: &str) -> HashMap<String, String> {
+    dep.lines()
+        .filter_map(|l| {
+            let path = l.split(':').next()?.trim();
+            let file = Path::new(path).file_name()?.to_str()?;
+            let name = file.split(".ko").next()?.replace('-', "_");
+            Some((name, path.to_string()))
+        })
+        .collect()
+}
+
+/// Loads the modules listed in `/etc/capsule/modules` (dependencies first,
+/// as the image build orders them) with finit_module(2). Logs failures and
+/// goes on.
+pub fn load_modules() {
+    let start = Instant::now();
+    let Ok(list) = std::fs::read_to_string("/etc/capsule/modules") else {
+        tracing::info!("no /etc/capsule/modules: no modules to load");
+        return;
+    };
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = Path::new("/lib/modules").join(&release);
+    let dep = std::fs::read_to_string(base.join("modules.dep")).unwrap_or_default();
+    let paths = parse_modules_dep(&dep);
+    let (mut loaded, mut failed) = (0, 0);
+    for name in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let key = name.replace('-', "_");
+        let Some(rel) = paths.get(&key) else {
+            // Built into the kernel, or missing from the image.
+            if !Path::new("/sys/module").join(&key).exists() {
+                tracing::warn!(module = name, "not in modules.dep and not built in");
+                failed += 1;
+            }
+            continue;
+        };
+        match finit_module(&base.join(rel)) {
+            Ok(()) => loaded += 1,
+            Err(Errno::EEXIST) => {}
+            Err(e) => {
+                tracing::warn!(module = name, error = e.desc(), "module load failed");
+                failed += 1;
+            }
+        }
+    }
+    tracing::info!(
+        loaded,
+        failed,
+        ms = start.elapsed().as_millis() as u64,
+        "kernel modules"
+    );
+}
+
+fn finit_module(path: &Path) -> Result<(), Errno> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let params = CString::default();
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Enables cpu, memory, pids, io in the root cgroup and creates the parent of
+/// the per-container groups.
+pub fn setup_cgroups() {
+    let root = Path::new(crate::paths::CGROUP_ROOT);
+    crate::container::cgroup::enable_controllers(root);
+    let parent = root.join(crate::paths::CGROUP_PARENT);
+    if let Err(e) = std::fs::create_dir_all(&parent) {
+        tracing::warn!(error = %e, "cannot create {}", parent.display());
+        return;
+    }
+    crate::container::cgroup::enable_controllers(&parent);
+}
+
+/// Brings `lo` up: containers share the VM's network namespace.
+pub fn loopback_up() {
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        tracing::warn!("loopback: no socket");
+        return;
+    }
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) != 0 {
+                tracing::warn!("loopback: cannot bring lo up");
+            }
+        }
+        libc::close(fd);
+    }
+}
+
+/// Logs a fatal error on the console and, as PID 1, reaps and sleeps
+/// forever instead of exiting (which would panic the kernel).
+pub fn fatal(msg: &str) -> ! {
+    tracing::error!("FATAL: {msg}");
+    console(&format!("capsule-agent: FATAL: {msg}"));
+    if std::process::id() != 1 {
+        std::process::exit(1);
+    }
+    loop {
+        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(-1), None) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Log level from `CAPSULE_AGENT_LOG`, else `capsule.log=` on the kernel
+/// command line, else info.
+pub fn log_filter() -> String {
+    if let Ok(v) = std::env::var("CAPSULE_AGENT_LOG") {
+        return v;
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("capsule.log="))
+        .map(str::to_string)
+        .unwrap_or_else(|| "info".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_dep_names() {
+        let dep = "kernel/drivers/virtio/virtio.ko:\nkernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko\nkernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko\nkernel/net/vmw_vsock/vmw-vsock-virtio-transport.ko.xz:\n";
+        let m = parse_modules_dep(dep);
+        assert_eq!(m["virtio_console"], "kernel/drivers/char/virtio_console.ko");
+        assert_eq!(m["virtiofs"], "kernel/fs/fuse/virtiofs.ko");
+        assert_eq!(
+            m["vmw_vsock_virtio_transport"],
+            "kernel/net/vmw_vsock/vmw-vsock-virtio-transport.ko.xz"
+        );
+        assert_eq!(m.len(), 4);
+    }
+}
