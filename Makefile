@@ -21,9 +21,10 @@ deps:
 build: deps
 	$(CARGO) build --workspace --all-targets
 
-# Guest kernel + initramfs from Debian's linux-image-cloud-amd64 (cached).
+# Guest kernel + initramfs from Debian's linux-image-cloud-amd64 (cached):
+# target/guest/{vmlinuz, initramfs-test.img, initramfs.img (the static agent as /init)}.
 guest: deps
-	guest/build.sh
+	agent/build-static.sh
 
 test: deps guest
 	$(CARGO) test --workspace --no-fail-fast
