@@ -11,7 +11,7 @@ GUEST_DIR  := target/guest
 BENCH_DIR  := target/bench
 FUZZ_SECS  ?= 60
 
-.PHONY: all deps build guest test bench fuzz demo clean
+.PHONY: all deps build guest install test bench fuzz demo clean
 
 all: build
 
@@ -25,6 +25,12 @@ build: deps
 # target/guest/{vmlinuz, initramfs-test.img, initramfs.img (the static agent as /init)}.
 guest: deps
 	agent/build-static.sh
+
+# /usr/local/bin/{containerd-shim-capsule-v2,capsule}, the guest in
+# /usr/local/share/capsule/, a default /etc/capsule/configuration.toml.
+install: deps guest
+	$(CARGO) build --release -p capsule-shim --bins
+	shim/install.sh
 
 test: deps guest
 	$(CARGO) test --workspace --no-fail-fast

@@ -429,6 +429,35 @@ impl StateStore for FileStore {
     }
 }
 
+/// Replaces `path` with `bytes` the way [`FileStore`] writes: a temp file
+/// (`.<name>.tmp`, mode 0600) in the same directory, fsync, rename over
+/// `path`, fsync of the directory. A reader sees the old or the new content,
+/// never a mix; after an error the old file is untouched (a failed directory
+/// fsync is reported although the rename happened). Takes no lock: callers
+/// serialise writers of one file.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| StateError::Io {
+        op: "write",
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
+    })?;
+    let temp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut rio = RealIo;
+    let staged = rio
+        .write_synced(&temp, bytes)
+        .map_err(io_err("write", &temp))
+        .and_then(|()| rio.rename(&temp, path).map_err(io_err("rename", &temp)));
+    if let Err(e) = staged {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    rio.sync_dir(dir).map_err(io_err("fsync directory", dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +465,18 @@ mod tests {
 
     fn config() -> ManagerConfig {
         ManagerConfig::new(BlockDriver::VirtioScsi, 1..32)
+    }
+
+    #[test]
+    fn write_file_atomic_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        write_file_atomic(&p, b"one").unwrap();
+        write_file_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let e = write_file_atomic(&dir.path().join("no/such/dir/f"), b"x").unwrap_err();
+        assert!(e.to_string().contains("no/such/dir"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `capsule`: arrives with the shim step (issue 5).
+//! `capsule`: the admin CLI (check, list, inspect, cleanup). See
+//! `capsule_shim::cli`.
 fn main() {
-    eprintln!("capsule is not implemented yet (issue 5)");
-    std::process::exit(1);
+    std::process::exit(capsule_shim::cli::main(std::env::args().skip(1).collect()));
 }

@@ -1,5 +1,5 @@
-//! `containerd-shim-capsule-v2`: arrives with the shim step (issue 5).
+//! `containerd-shim-capsule-v2`: the containerd runtime v2 shim of capsule
+//! (runtime `io.containerd.capsule.v2`). See `capsule_shim::bootstrap`.
 fn main() {
-    eprintln!("containerd-shim-capsule-v2 is not implemented yet (issue 5)");
-    std::process::exit(1);
+    std::process::exit(capsule_shim::bootstrap::main(std::env::args_os().collect()));
 }

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs capsule on this host:
+#   /usr/local/bin/containerd-shim-capsule-v2, /usr/local/bin/capsule
+#   /usr/local/share/capsule/{vmlinuz,initramfs.img}   (the guest)
+#   /etc/capsule/configuration.toml                     (not overwritten)
+#
+#   shim/install.sh [--profile release|debug] [--prefix /usr/local] [--destdir DIR]
+#
+# Needs the binaries built (cargo build [--release] -p capsule-shim) and the
+# guest image (agent/build-static.sh → target/guest/{vmlinuz,initramfs.img}).
+# containerd finds the shim for runtime io.containerd.capsule.v2 on its PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+prefix=/usr/local
+destdir=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profile) profile=$2; shift 2 ;;
+        --prefix) prefix=$2; shift 2 ;;
+        --destdir) destdir=$2; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+target=${CARGO_TARGET_DIR:-target}
+bindir=$destdir$prefix/bin
+sharedir=$destdir$prefix/share/capsule
+confdir=$destdir/etc/capsule
+
+missing=0
+for f in "$target/$profile/containerd-shim-capsule-v2" "$target/$profile/capsule" \
+         "$target/guest/vmlinuz" "$target/guest/initramfs.img"; do
+    if [ ! -f "$f" ]; then
+        echo "install.sh: $f is missing" >&2
+        missing=1
+    fi
+done
+if [ "$missing" = 1 ]; then
+    echo "install.sh: build first: cargo build --release -p capsule-shim (or use --profile debug after a debug build), then agent/build-static.sh" >&2
+    exit 1
+fi
+
+install -d -m 0755 "$bindir" "$sharedir" "$confdir"
+install -m 0755 "$target/$profile/containerd-shim-capsule-v2" "$bindir/"
+install -m 0755 "$target/$profile/capsule" "$bindir/"
+install -m 0644 "$target/guest/vmlinuz" "$sharedir/vmlinuz"
+install -m 0644 "$target/guest/initramfs.img" "$sharedir/initramfs.img"
+if [ -e "$confdir/configuration.toml" ]; then
+    echo "install.sh: keeping the existing $confdir/configuration.toml"
+else
+    install -m 0644 shim/configuration.toml "$confdir/configuration.toml"
+fi
+echo "installed capsule into $destdir$prefix (config $confdir/configuration.toml)"

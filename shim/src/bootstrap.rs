@@ -1,0 +1,345 @@
+//! The shim binary's three modes, as containerd 1.6 runs them:
+//!
+//! - `start`: prints the ttrpc address of the shim serving this container
+//!   (reusing the pod's shim when the CRI annotations group it) and nothing
+//!   else: containerd 1.6 reads stdout **and** stderr as the address.
+//! - (no action) `-socket ADDR`: the long-running server.
+//! - `delete`: cleans up after a dead shim and writes a DeleteResponse.
+//!
+//! Why not `containerd_shim::run`: containerd-shim 0.12 answers `start`
+//! with a JSON document (the containerd 2.x protocol), which containerd 1.6
+//! takes for the address, and it registers only `containerd.task.v3.Task`,
+//! while containerd 1.6 calls `containerd.task.v2.Task`. This module reuses
+//! its argument parser, socket naming and event publisher, replies with the
+//! bare address, and serves the task service under both names. The shim
+//! sets no SIGCHLD handler of its own: QEMU, virtiofsd and logging binaries
+//! are tokio children reaped by tokio (per pid, never `waitpid(-1)`), and the
+//! shim is no subreaper, so orphans go to init.
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::{ExitSignal, Flags};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+
+use crate::cleanup::{self, KillTiming, RealProcesses};
+use crate::config::Config;
+use crate::events::RemoteSink;
+use crate::sandbox::qemu::QemuFactory;
+use crate::service::{self, ConfigSource, TaskService};
+
+pub const RUNTIME_ID: &str = "io.containerd.capsule.v2";
+pub const TASK_V2: &str = "containerd.task.v2.Task";
+pub const TASK_V3: &str = "containerd.task.v3.Task";
+
+/// `containerd-shim-capsule-v2` main. Returns the exit code.
+pub fn main(args: Vec<OsString>) -> i32 {
+    let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("containerd-shim-capsule-v2: {e}");
+            return 2;
+        }
+    };
+    if flags.version {
+        println!("containerd-shim-capsule-v2 {}", env!("CARGO_PKG_VERSION"));
+        return 0;
+    }
+    match flags.action.as_str() {
+        "start" => match start(&flags) {
+            Ok(address) => {
+                let mut out = std::io::stdout();
+                let _ = out.write_all(address.as_bytes());
+                let _ = out.flush();
+                0
+            }
+            Err(e) => {
+                // Only a failed start may say something: containerd shows it.
+                eprint!("capsule: start: {e}");
+                1
+            }
+        },
+        "delete" => delete(&flags),
+        "" => serve(&flags),
+        other => {
+            eprintln!("containerd-shim-capsule-v2: unknown action {other:?}");
+            2
+        }
+    }
+}
+
+fn strip_unix(addr: &str) -> &str {
+    addr.strip_prefix("unix://").unwrap_or(addr)
+}
+
+fn socket_works(addr: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(strip_unix(addr)).is_ok()
+}
+
+/// Reads what containerd piped to `start` (runtime options on 1.6,
+/// bootstrap params on 2.3+); never fails on it.
+fn read_stdin() -> Vec<u8> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        return Vec::new();
+    }
+    // containerd closes it after writing; a caller that keeps it open must
+    // not hang `start`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::stdin().lock().take(10 << 20).read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+}
+
+/// `start`: find or spawn the shim server; returns its address.
+pub fn start(flags: &Flags) -> Result<String, String> {
+    let stdin = read_stdin();
+    let bundle = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    let grouping = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<oci_spec::runtime::Spec>(&b).ok())
+        .map(|s| service::sandbox_id_of(&flags.id, &s))
+        .unwrap_or_else(|| flags.id.clone());
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping);
+    let write_address = |a: &str| {
+        std::fs::write(bundle.join("address"), a)
+            .map_err(|e| format!("writing {}: {e}", bundle.join("address").display()))
+    };
+    if socket_works(&address) {
+        // The pod's shim already runs: this container joins it.
+        write_address(&address)?;
+        return Ok(address);
+    }
+    let path = PathBuf::from(strip_unix(&address));
+    if path.exists() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.current_dir(&bundle)
+        .args([
+            "-namespace",
+            &flags.namespace,
+            "-id",
+            &flags.id,
+            "-address",
+            &flags.address,
+        ])
+        .args(["-socket", &address])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    if let Some(p) = service::options::config_path_from_stdin(&stdin) {
+        cmd.env(crate::config::CONFIG_ENV, p);
+    }
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: signals aimed at containerd's group do not
+        // reach the sandbox.
+        cmd.process_group(0);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("spawning the shim server: {e}"))?;
+    // The server closes its stdout once it listens.
+    let mut out = child.stdout.take().ok_or("no stdout pipe")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("the shim server did not start listening within 30s".into());
+    }
+    if let Ok(Some(status)) = child.try_wait() {
+        // Another start for the same pod may have won the socket.
+        if socket_works(&address) {
+            write_address(&address)?;
+            return Ok(address);
+        }
+        return Err(format!("the shim server exited during startup ({status})"));
+    }
+    write_address(&address)?;
+    Ok(address)
+}
+
+/// Redirects stdout to /dev/null: tells `start` the server is up.
+fn release_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 1 of this process.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// The shim server.
+pub fn serve(flags: &Flags) -> i32 {
+    if flags.socket.is_empty() {
+        eprintln!("containerd-shim-capsule-v2: -socket is required");
+        return 2;
+    }
+    let level = if flags.debug {
+        "debug".to_string()
+    } else {
+        Config::load(None)
+            .map(|(c, _)| c.log_level)
+            .unwrap_or_else(|_| "info".into())
+    };
+    let log: Box<dyn Write + Send> = match crate::logging::open_fifo(Path::new("log")) {
+        Ok(f) => Box::new(f),
+        Err(_) => Box::new(std::io::sink()),
+    };
+    crate::logging::init(log, &level);
+    let path = strip_unix(&flags.socket).to_string();
+    if let Some(dir) = Path::new(&path).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(socket = %path, error = %e, "cannot listen");
+            return 1;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return 1;
+        }
+    };
+    let code = rt.block_on(serve_async(flags, listener));
+    let _ = std::fs::remove_file(&path);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+async fn serve_async(flags: &Flags, listener: std::os::unix::net::UnixListener) -> i32 {
+    for kind in [
+        tokio::signal::unix::SignalKind::terminate(),
+        tokio::signal::unix::SignalKind::interrupt(),
+    ] {
+        if let Ok(mut s) = tokio::signal::unix::signal(kind) {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::info!("signal received; the shim exits on Shutdown");
+                }
+            });
+        }
+    }
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+    if ttrpc_address.is_empty() {
+        tracing::error!("TTRPC_ADDRESS is not set: events cannot reach containerd");
+        return 1;
+    }
+    let exit = Arc::new(ExitSignal::default());
+    let svc = TaskService::new(
+        &flags.namespace,
+        &flags.socket,
+        Arc::new(RemoteSink::new(&ttrpc_address, flags.namespace.clone())),
+        Arc::new(QemuFactory),
+        ConfigSource::Load,
+        exit.clone(),
+    );
+    let mut services = containerd_shim_protos::shim_async::create_task(Arc::new(svc.clone()));
+    if let Some(v3) = services.remove(TASK_V3) {
+        services.insert(TASK_V2.to_string(), v3);
+    }
+    services.extend(containerd_shim_protos::shim_async::create_task(Arc::new(
+        svc.clone(),
+    )));
+    services.extend(crate::admin::service(svc.clone()));
+    let listener = match ttrpc::r#async::transport::Listener::try_from(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the socket");
+            return 1;
+        }
+    };
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener)
+        .register_service(services);
+    if let Err(e) = server.start().await {
+        tracing::error!(error = %e, "cannot start the ttrpc server");
+        return 1;
+    }
+    release_stdout();
+    tracing::info!(id = %flags.id, socket = %flags.socket, pid = std::process::id(), "shim serving");
+    exit.wait().await;
+    tracing::info!("shim exiting");
+    let _ = server.shutdown().await;
+    0
+}
+
+/// `delete`: cleanup after container `-id` (bundle `-bundle` or the working
+/// directory), then a DeleteResponse (exit 128+9, now) on stdout.
+pub fn delete(flags: &Flags) -> i32 {
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let report = match runtime() {
+        Ok(rt) => rt.block_on(cleanup::delete_container(
+            &bundle,
+            &flags.id,
+            &RealProcesses,
+            KillTiming::default(),
+        )),
+        Err(e) => {
+            eprintln!("capsule: delete: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    for e in &report.errors {
+        // containerd logs delete's stderr as cleanup warnings.
+        eprintln!("capsule: delete {}: {e}", flags.id);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let resp = containerd_shim::DeleteResponse {
+        pid: 0,
+        exit_status: 128 + 9,
+        exited_at: MessageField::some(Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    match resp.write_to_bytes() {
+        Ok(b) => {
+            let mut out = std::io::stdout();
+            let _ = out.write_all(&b);
+            let _ = out.flush();
+            0
+        }
+        Err(e) => {
+            eprintln!("capsule: delete: encoding the response: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Create: from a bundle to a created container in the guest, undoing
+//! everything this Create did when a step fails.
+//!
+//! Steps (each recorded in `containers.json` as it completes): open the
+//! host stdio → record the container (`creating`) → start the sandbox (the
+//! first container only) → mount and share the rootfs → attach the devices
+//! → CreateContainer in the guest → `created`. TaskCreate is published only
+//! after the last step.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use capsule_agent_protocol::agent;
+use containerd_shim_protos::api;
+use containerd_shim_protos::events::task::{TaskCreate, TaskIO};
+use oci_spec::runtime::Spec;
+
+use super::process::{Container, Process};
+use super::{options, sandbox_id_of, Active, ConfigSource, Inner};
+use crate::cleanup::{self, KillTiming, RealProcesses};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::TaskEvent;
+use crate::io::{HostIo, IoContext, StdioConfig};
+use crate::mount::RootfsMount;
+use crate::sandbox::{share, AttachedDevice, ContainerRequest, Sandbox};
+use crate::state::{
+    self, BundleRecord, ContainerDevice, ContainerRecord, ContainerStatus, ContainerStore,
+    SandboxPaths,
+};
+
+pub fn load_spec(bundle: &Path) -> Result<Spec> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| crate::error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::invalid(format!("{}: not a valid OCI spec: {e}", path.display())))
+}
+
+fn load_config(
+    inner: &Inner,
+    options: Option<&containerd_shim_protos::protobuf::well_known_types::any::Any>,
+) -> Result<(Config, Option<PathBuf>)> {
+    match &inner.config_source {
+        ConfigSource::Fixed(c) => Ok(((**c).clone(), None)),
+        ConfigSource::Load => {
+            let explicit = options.and_then(options::config_path);
+            let (c, source) = Config::load(explicit.as_deref())
+                .map_err(|e| Error::new(e.kind, format!("capsule: {}", e.message)))?;
+            crate::logging::set_level(&c.log_level);
+            tracing::info!(config = %source, "configuration loaded");
+            let path = match source {
+                crate::config::Source::File(p) => Some(p),
+                crate::config::Source::Defaults => None,
+            };
+            Ok((c, path))
+        }
+    }
+}
+
+/// What to undo, in reverse order.
+enum Undo {
+    Rootfs(Arc<dyn Sandbox>, String, PathBuf),
+    Devices(Arc<dyn Sandbox>, String, Vec<AttachedDevice>),
+    Container(Arc<dyn Sandbox>, String),
+}
+
+async fn rollback(undo: Vec<Undo>) -> Vec<String> {
+    let mut trouble = Vec::new();
+    for u in undo.into_iter().rev() {
+        let r = match &u {
+            Undo::Container(sb, cid) => sb.remove_container(cid).await,
+            Undo::Devices(sb, cid, devs) => sb.detach_devices(cid, devs).await,
+            Undo::Rootfs(sb, cid, bundle) => sb.release_rootfs(cid, bundle).await,
+        };
+        if let Err(e) = r {
+            trouble.push(e.message);
+        }
+    }
+    trouble
+}
+
+pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
+    let id = req.id.clone();
+    state::check_id("container id", &id)?;
+    if !req.checkpoint.is_empty() {
+        return Err(Error::unimplemented(
+            "capsule: restoring a container from a checkpoint is not supported",
+        ));
+    }
+    let bundle = PathBuf::from(&req.bundle);
+    let spec = load_spec(&bundle)?;
+    let sandbox_id = sandbox_id_of(&id, &spec);
+    state::check_id("sandbox id", &sandbox_id)?;
+
+    let mut lifecycle = inner.lifecycle.lock().await;
+    if inner.containers().contains_key(&id) {
+        return Err(Error::exists(format!("container {id} already exists")));
+    }
+    let (config, config_path) = match lifecycle.as_ref() {
+        Some(a) if a.id != sandbox_id => {
+            return Err(Error::precondition(format!(
+                "capsule: container {id} belongs to sandbox {sandbox_id}, but this shim serves sandbox {}",
+                a.id
+            )))
+        }
+        Some(a) => (a.config.clone(), a.config_path.clone()),
+        None => load_config(inner, req.options.as_ref())?,
+    };
+    let paths = SandboxPaths::new(&config.state_dir, &sandbox_id);
+    inner.factory.check_devices(&config, &spec)?;
+
+    let stdio = StdioConfig {
+        stdin: req.stdin.clone(),
+        stdout: req.stdout.clone(),
+        stderr: req.stderr.clone(),
+        terminal: req.terminal,
+    };
+    let host_io = HostIo::open(
+        &stdio,
+        &IoContext {
+            container_id: id.clone(),
+            namespace: inner.namespace.clone(),
+        },
+    )
+    .await
+    .map_err(|e| e.context(format!("capsule: container {id}: stdio")))?;
+
+    state::save(
+        &bundle.join(state::BUNDLE_FILE),
+        &BundleRecord {
+            version: state::STATE_VERSION,
+            container_id: id.clone(),
+            sandbox_id: sandbox_id.clone(),
+            state_dir: config.state_dir.clone(),
+            config_path: config_path.clone(),
+        },
+    )?;
+
+    let new_sandbox = lifecycle.is_none();
+    let store = match lifecycle.as_ref() {
+        Some(a) => a.store.clone(),
+        None => Arc::new(ContainerStore::open(&paths)?),
+    };
+    let mut rec = ContainerRecord {
+        id: id.clone(),
+        bundle: bundle.clone(),
+        status: ContainerStatus::Creating,
+        rootfs_mounted: false,
+        share_mounts: Vec::new(),
+        devices: Vec::new(),
+    };
+    if let Err(e) = store.put(&rec) {
+        if new_sandbox {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+        }
+        return Err(e);
+    }
+
+    let rootfs_mounts: Vec<RootfsMount> = req
+        .rootfs
+        .iter()
+        .map(|m| RootfsMount {
+            fs_type: m.type_.clone(),
+            source: m.source.clone(),
+            options: m.options.clone(),
+        })
+        .collect();
+    let creq = ContainerRequest {
+        id: id.clone(),
+        bundle: bundle.clone(),
+        rootfs: rootfs_mounts,
+        spec,
+    };
+
+    let mut undo: Vec<Undo> = Vec::new();
+    let mut started: Option<Arc<dyn Sandbox>> = None;
+    let result = async {
+        let sb: Arc<dyn Sandbox> = match lifecycle.as_ref() {
+            Some(a) => a.sandbox.clone(),
+            None => {
+                let hostname = creq.spec.hostname().clone().unwrap_or_default();
+                let sb = inner
+                    .factory
+                    .create(&sandbox_id, &config, &hostname, &inner.shim_address)
+                    .await?;
+                started = Some(sb.clone());
+                sb
+            }
+        };
+        let shared = sb.prepare_rootfs(&creq).await?;
+        undo.push(Undo::Rootfs(sb.clone(), id.clone(), bundle.clone()));
+        rec.rootfs_mounted = shared.rootfs_mounted;
+        rec.share_mounts = shared.share_mounts.clone();
+        store.put(&rec)?;
+
+        let devices = sb.attach_devices(&id, &creq.spec).await?;
+        undo.push(Undo::Devices(sb.clone(), id.clone(), devices.clone()));
+        rec.devices = devices
+            .iter()
+            .map(|d| ContainerDevice {
+                id: d.id.clone(),
+                container_path: d.info.container_path.clone(),
+            })
+            .collect();
+        store.put(&rec)?;
+
+        let areq = agent::CreateContainerRequest {
+            container_id: id.clone(),
+            oci_spec: share::spec_json(&shared.spec)?,
+            rootfs: shared.guest_rootfs.clone(),
+            devices: devices.iter().map(|d| d.agent.clone()).collect(),
+            stdin: stdio.has_stdin(),
+            ..Default::default()
+        };
+        sb.create_container(areq)
+            .await
+            .map_err(|e| e.context(format!("capsule: creating container {id} in the guest")))?;
+        undo.push(Undo::Container(sb.clone(), id.clone()));
+        rec.status = ContainerStatus::Created;
+        store.put(&rec)?;
+        Ok::<_, Error>((sb, devices))
+    }
+    .await;
+
+    let (sb, devices) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(container = %id, error = %e, "create failed; rolling back");
+            let mut trouble = rollback(undo).await;
+            if let Some(sb) = started {
+                if let Err(s) = sb.shutdown().await {
+                    trouble.push(s.message);
+                }
+            }
+            if new_sandbox {
+                let report = cleanup::teardown(
+                    &paths,
+                    std::slice::from_ref(&bundle),
+                    &RealProcesses,
+                    KillTiming::default(),
+                )
+                .await;
+                trouble.extend(report.errors);
+            } else if let Err(s) = store.remove(&id) {
+                trouble.push(s.message);
+            }
+            let _ = std::fs::remove_file(bundle.join(state::BUNDLE_FILE));
+            let e = if e.message.starts_with("capsule:") {
+                e
+            } else {
+                let m = format!("capsule: container {id}: {}", e.message);
+                Error::new(e.kind, m)
+            };
+            return Err(if trouble.is_empty() {
+                e
+            } else {
+                e.note(format!("rollback trouble: {}", trouble.join("; ")))
+            });
+        }
+    };
+
+    let pid = sb.pid();
+    let init = Process::new(&id, "", stdio.clone(), None, host_io);
+    let container = Arc::new(Container {
+        id: id.clone(),
+        bundle: bundle.clone(),
+        rootfs: req.rootfs.clone(),
+        sandbox: sb.clone(),
+        init,
+        execs: Mutex::new(Default::default()),
+        devices,
+        record: Mutex::new(rec),
+        store: store.clone(),
+    });
+    inner.containers().insert(id.clone(), container);
+    if lifecycle.is_none() {
+        *lifecycle = Some(Active {
+            id: sandbox_id,
+            sandbox: sb,
+            config,
+            config_path,
+            paths,
+            store,
+        });
+    }
+    drop(lifecycle);
+
+    inner
+        .events
+        .publish(TaskEvent::Create(TaskCreate {
+            container_id: id,
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: stdio.stdin,
+                stdout: stdio.stdout,
+                stderr: stdio.stderr,
+                terminal: stdio.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        }))
+        .await;
+    Ok(api::CreateTaskResponse {
+        pid,
+        ..Default::default()
+    })
+}

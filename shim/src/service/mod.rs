@@ -1,0 +1,313 @@
+//! The containerd Task service (`containerd.task.v2.Task`, all 17 RPCs).
+//!
+//! One shim serves one sandbox (one VM): the first Create starts it, later
+//! Creates of the same pod (CRI annotations) join it. Create, Delete of a
+//! container and Shutdown are serialised; everything else runs
+//! concurrently. Process exits are observed by one waiter task per process
+//! (the agent's WaitProcess), which publishes TaskExit after the process's
+//! start event and before its state turns stopped, so Delete (which needs a
+//! stopped process) always publishes after the exit.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use containerd_shim::ExitSignal;
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+use oci_spec::runtime::Spec;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::EventSink;
+use crate::sandbox::{Sandbox, SandboxFactory};
+use crate::state::{ContainerStore, SandboxPaths};
+
+mod create;
+mod ops;
+pub mod options;
+pub mod process;
+pub mod stats;
+
+use process::Container;
+
+/// CRI annotation: `sandbox` or `container`.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI annotation: the pod's sandbox id.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The sandbox a container belongs to: its pod's sandbox for a CRI
+/// `container`, else its own id (a pod sandbox, or a lone container).
+pub fn sandbox_id_of(id: &str, spec: &Spec) -> String {
+    let ann = spec.annotations().as_ref();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).filter(|v| !v.is_empty());
+    match (get(CONTAINER_TYPE).map(String::as_str), get(SANDBOX_ID)) {
+        (Some("container"), Some(sb)) => sb.clone(),
+        _ => id.to_string(),
+    }
+}
+
+/// How the service gets its configuration.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// Read at the first Create: runtime options' config path, then
+    /// `$CAPSULE_CONFIG`, then the default file.
+    Load,
+    /// Fixed (tests).
+    Fixed(Box<Config>),
+}
+
+/// The sandbox this shim serves, once started.
+pub(crate) struct Active {
+    pub id: String,
+    pub sandbox: Arc<dyn Sandbox>,
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    pub paths: SandboxPaths,
+    pub store: Arc<ContainerStore>,
+}
+
+pub(crate) struct Inner {
+    pub namespace: String,
+    pub shim_address: String,
+    pub events: Arc<dyn EventSink>,
+    pub factory: Arc<dyn SandboxFactory>,
+    pub config_source: ConfigSource,
+    pub exit: Arc<ExitSignal>,
+    /// Held by Create, Delete of a container and Shutdown.
+    pub lifecycle: tokio::sync::Mutex<Option<Active>>,
+    pub containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+impl Inner {
+    pub fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("container {id} not found")))
+    }
+}
+
+/// The task service. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl TaskService {
+    pub fn new(
+        namespace: &str,
+        shim_address: &str,
+        events: Arc<dyn EventSink>,
+        factory: Arc<dyn SandboxFactory>,
+        config_source: ConfigSource,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                namespace: namespace.into(),
+                shim_address: shim_address.into(),
+                events,
+                factory,
+                config_source,
+                exit,
+                lifecycle: tokio::sync::Mutex::new(None),
+                containers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Ids of the containers served.
+    pub fn container_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.containers().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The sandbox's VM devices as JSON (`capsule inspect` while the shim
+    /// runs; QEMU serves one QMP client, which is this shim).
+    pub async fn vm_devices(&self) -> Result<serde_json::Value> {
+        let sb = self
+            .inner
+            .lifecycle
+            .lock()
+            .await
+            .as_ref()
+            .map(|a| a.sandbox.clone());
+        match sb {
+            Some(sb) => sb.vm_devices().await,
+            None => Err(Error::not_found("this shim runs no sandbox")),
+        }
+    }
+}
+
+fn reply<T>(rpc: &str, id: &str, r: Result<T>) -> ::ttrpc::Result<T> {
+    r.map_err(|e| {
+        tracing::warn!(rpc, id, code = ?e.kind, error = %e.message, "request failed");
+        e.to_ttrpc()
+    })
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn state(
+        &self,
+        _c: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> ::ttrpc::Result<api::StateResponse> {
+        let id = req.id.clone();
+        reply("State", &id, ops::state(&self.inner, req))
+    }
+
+    async fn create(
+        &self,
+        _c: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> ::ttrpc::Result<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        tracing::info!(id = %id, bundle = %req.bundle, "create");
+        reply("Create", &id, create::create(&self.inner, req).await)
+    }
+
+    async fn start(
+        &self,
+        _c: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> ::ttrpc::Result<api::StartResponse> {
+        let id = req.id.clone();
+        tracing::info!(id = %id, exec = %req.exec_id, "start");
+        reply("Start", &id, ops::start(&self.inner, req).await)
+    }
+
+    async fn delete(
+        &self,
+        _c: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> ::ttrpc::Result<api::DeleteResponse> {
+        let id = req.id.clone();
+        tracing::info!(id = %id, exec = %req.exec_id, "delete");
+        reply("Delete", &id, ops::delete(&self.inner, req).await)
+    }
+
+    async fn pids(
+        &self,
+        _c: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> ::ttrpc::Result<api::PidsResponse> {
+        let id = req.id.clone();
+        reply("Pids", &id, ops::pids(&self.inner, req).await)
+    }
+
+    async fn pause(&self, _c: &TtrpcContext, req: api::PauseRequest) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        reply("Pause", &id, ops::pause(&self.inner, req).await)
+    }
+
+    async fn resume(&self, _c: &TtrpcContext, req: api::ResumeRequest) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        reply("Resume", &id, ops::resume(&self.inner, req).await)
+    }
+
+    async fn checkpoint(
+        &self,
+        _c: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> ::ttrpc::Result<Empty> {
+        reply(
+            "Checkpoint",
+            &req.id,
+            Err(Error::unimplemented(
+                "capsule: checkpoint is not supported for VM sandboxes",
+            )),
+        )
+    }
+
+    async fn kill(&self, _c: &TtrpcContext, req: api::KillRequest) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        tracing::info!(id = %id, exec = %req.exec_id, signal = req.signal, all = req.all, "kill");
+        reply("Kill", &id, ops::kill(&self.inner, req).await)
+    }
+
+    async fn exec(
+        &self,
+        _c: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        tracing::info!(id = %id, exec = %req.exec_id, "exec");
+        reply("Exec", &id, ops::exec(&self.inner, req).await)
+    }
+
+    async fn resize_pty(
+        &self,
+        _c: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        reply("ResizePty", &id, ops::resize_pty(&self.inner, req).await)
+    }
+
+    async fn close_io(
+        &self,
+        _c: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        reply("CloseIO", &id, ops::close_io(&self.inner, req))
+    }
+
+    async fn update(
+        &self,
+        _c: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        reply("Update", &id, ops::update(&self.inner, req).await)
+    }
+
+    async fn wait(
+        &self,
+        _c: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> ::ttrpc::Result<api::WaitResponse> {
+        let id = req.id.clone();
+        reply("Wait", &id, ops::wait(&self.inner, req).await)
+    }
+
+    async fn stats(
+        &self,
+        _c: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> ::ttrpc::Result<api::StatsResponse> {
+        let id = req.id.clone();
+        reply("Stats", &id, ops::stats(&self.inner, req).await)
+    }
+
+    async fn connect(
+        &self,
+        _c: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> ::ttrpc::Result<api::ConnectResponse> {
+        let id = req.id.clone();
+        reply("Connect", &id, ops::connect(&self.inner, req).await)
+    }
+
+    async fn shutdown(
+        &self,
+        _c: &TtrpcContext,
+        req: api::ShutdownRequest,
+    ) -> ::ttrpc::Result<Empty> {
+        let id = req.id.clone();
+        tracing::info!(id = %id, "shutdown");
+        reply("Shutdown", &id, ops::shutdown(&self.inner, req).await)
+    }
+}
+
+#[cfg(test)]
+mod tests;
