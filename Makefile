@@ -39,6 +39,8 @@ bench: deps guest
 	mkdir -p $(BENCH_DIR)
 	$(CARGO) bench -p capsule-devmgr --bench devmgr
 	$(CARGO) bench -p capsule-hypervisor --bench hotplug
+	$(CARGO) bench -p capsule-agent --bench roundtrip
+	$(CARGO) bench -p capsule-agent --bench device_ready
 
 # Bounded cargo-fuzz runs of every target (needs the nightly toolchain).
 fuzz: deps

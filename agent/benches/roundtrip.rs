@@ -25,8 +25,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let vm = support::Vm::boot(support::VmOptions::default());
     let samples = rt.block_on(async {
+        let vm = support::Vm::boot(support::VmOptions::default()).await;
         let boot = Instant::now();
         let conn = vm.connect().await;
         eprintln!("agent ready {:?} after connect start", boot.elapsed());
@@ -40,9 +40,10 @@ fn main() {
             conn.health(&req).await.expect("Health");
             samples.push(t.elapsed());
         }
+        drop(conn);
+        vm.shutdown().await;
         samples
     });
-    drop(vm);
     let mut s = samples;
     s.sort();
     let pct = |p: f64| s[((s.len() as f64 - 1.0) * p).round() as usize];

@@ -1,6 +1,7 @@
 //! A process the agent started: pid, pidfd, exit and stdio.
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::reaper::{wait_exit, Exit, ExitRx};
 use crate::spawn::pidfd_signal;
@@ -13,6 +14,8 @@ pub struct ProcessEntry {
     pidfd: OwnedFd,
     exit: ExitRx,
     pub stdio: Stdio,
+    /// A WaitProcess returned the exit status.
+    exit_reported: AtomicBool,
 }
 
 impl ProcessEntry {
@@ -23,6 +26,7 @@ impl ProcessEntry {
             pidfd,
             exit,
             stdio,
+            exit_reported: AtomicBool::new(false),
         }
     }
 
@@ -34,6 +38,18 @@ impl ProcessEntry {
     pub async fn wait(&self) -> Exit {
         let mut rx = self.exit.clone();
         wait_exit(&mut rx).await
+    }
+
+    /// Records that a WaitProcess returned the exit status to the host.
+    pub fn mark_exit_reported(&self) {
+        self.exit_reported.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a WaitProcess returned the exit status (not merely once the
+    /// process exited: a host that drains the output first and then waits
+    /// must still find the exec).
+    pub fn exit_reported(&self) -> bool {
+        self.exit_reported.load(Ordering::SeqCst)
     }
 
     /// Sends `sig` through the pidfd: never reaches a recycled pid. ESRCH

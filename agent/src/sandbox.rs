@@ -154,11 +154,24 @@ impl Sandbox {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let device_nodes = prepared
+            .iter()
+            .map(|p| {
+                let rel = container_rel(&what, &p.device.container_path)?;
+                Ok((rel, p.device.id.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let storages = crate::storage::mount_all(&self.devices, &req.storages)
             .await
             .map_err(|e| e.context(&what))?;
         let r = self
-            .spawn_container(&req, oci, namespaces, devices, storages.clone())
+            .spawn_container(
+                &req,
+                oci,
+                namespaces,
+                (devices, device_nodes),
+                storages.clone(),
+            )
             .await;
         if r.is_err() {
             for s in storages.iter().rev() {
@@ -173,7 +186,7 @@ impl Sandbox {
         req: &CreateContainerRequest,
         oci: oci_spec::runtime::Spec,
         namespaces: u64,
-        devices: Vec<container::child::DeviceWire>,
+        (devices, device_nodes): (Vec<container::child::DeviceWire>, Vec<(PathBuf, String)>),
         storages: Vec<PathBuf>,
     ) -> Result<Container> {
         let cid = req.container_id.as_str();
@@ -198,6 +211,7 @@ impl Sandbox {
                 rootfs,
                 namespaces,
                 devices,
+                device_nodes,
                 stdin: req.stdin,
                 storages,
             };
@@ -226,6 +240,8 @@ impl Sandbox {
 
     /// AddDevice: waits for the device and creates its node in the running
     /// container (through /proc/<init>/root). Returns guest major:minor.
+    /// A path that already holds a device the agent made (by CreateContainer
+    /// or an earlier AddDevice) is refused, naming both devices.
     pub async fn add_device(&self, cid: &str, d: Device) -> Result<(u32, u32)> {
         let c = self.container(cid)?;
         let what = format!(
@@ -239,37 +255,49 @@ impl Sandbox {
         }
         let rel = container_rel(&what, &d.container_path)?;
         {
-            let devs = container::lock(&c.hot_devices);
-            if devs.contains(&d.container_path) {
+            // Reserved now, so a concurrent AddDevice for the path is refused
+            // while this one waits for its device.
+            let mut devs = container::lock(&c.device_nodes);
+            if let Some((_, other)) = devs.iter().find(|(p, _)| *p == rel) {
                 return Err(AgentError::AlreadyExists(format!(
-                    "{what}: the path already holds an added device"
+                    "{what}: the path already holds device {other:?}"
                 )));
             }
+            devs.push((rel.clone(), d.id.clone()));
         }
-        let root = c.proc_root();
-        check_no_symlinks(&what, &root, &rel)?;
-        let prepared = device::prepare(&self.devices, std::slice::from_ref(&d), DEVICE_TIMEOUT)
-            .await
-            .map_err(|e| AgentError::from(e).context(&what))?;
-        device::create_nodes(&root, &prepared).map_err(|e| AgentError::from(e).context(&what))?;
-        container::lock(&c.hot_devices).push(d.container_path.clone());
-        let p = prepared
-            .first()
-            .ok_or_else(|| AgentError::Internal(format!("{what}: nothing prepared")))?;
-        Ok((p.guest_major, p.guest_minor))
+        let r = async {
+            let root = c.proc_root();
+            check_no_symlinks(&what, &root, &rel)?;
+            let prepared = device::prepare(&self.devices, std::slice::from_ref(&d), DEVICE_TIMEOUT)
+                .await
+                .map_err(|e| AgentError::from(e).context(&what))?;
+            device::create_nodes(&root, &prepared)
+                .map_err(|e| AgentError::from(e).context(&what))?;
+            let p = prepared
+                .first()
+                .ok_or_else(|| AgentError::Internal(format!("{what}: nothing prepared")))?;
+            Ok((p.guest_major, p.guest_minor))
+        }
+        .await;
+        if r.is_err() {
+            container::lock(&c.device_nodes).retain(|(p, id)| !(*p == rel && *id == d.id));
+        }
+        r
     }
 
+    /// RemoveDevice: removes the node of a device the agent made at
+    /// `container_path` (by CreateContainer or AddDevice).
     pub async fn remove_device(&self, cid: &str, container_path: &str) -> Result<()> {
         let c = self.container(cid)?;
         let what = format!("container {cid:?} device at {container_path:?}");
         let rel = container_rel(&what, container_path)?;
+        if !container::lock(&c.device_nodes)
+            .iter()
+            .any(|(p, _)| *p == rel)
         {
-            let devs = container::lock(&c.hot_devices);
-            if !devs.iter().any(|p| p == container_path) {
-                return Err(AgentError::NotFound(format!(
-                    "{what}: no device was added there"
-                )));
-            }
+            return Err(AgentError::NotFound(format!(
+                "{what}: no device was given to the container there"
+            )));
         }
         let root = c.proc_root();
         check_no_symlinks(&what, &root, &rel)?;
@@ -278,7 +306,7 @@ impl Sandbox {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(crate::error::io_err(format!("{what}: remove node"), e)),
         }
-        container::lock(&c.hot_devices).retain(|p| p != container_path);
+        container::lock(&c.device_nodes).retain(|(p, _)| *p != rel);
         Ok(())
     }
 }

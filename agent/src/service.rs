@@ -83,6 +83,7 @@ impl AgentService {
         let c = self.sandbox.container(&req.container_id)?;
         let p = c.process(&req.exec_id)?;
         let exit = p.wait().await;
+        p.mark_exit_reported();
         let mut r = WaitProcessResponse::new();
         r.status = exit.status;
         if let Ok(d) = exit.at.duration_since(UNIX_EPOCH) {

@@ -1,7 +1,10 @@
 //! Device discovery in a real guest, without the agent: boots the test guest
-//! image (`guest/build.sh`) under QEMU/TCG with this test binary (and the
-//! host's libc) appended to the initramfs, hotplugs disks over QMP and runs
-//! the guest half ([`guest_side`]) through the test image's shell channel.
+//! image (`guest/build.sh`) under QEMU/TCG (launched by capsule-hypervisor)
+//! with this test binary (and the host's libc) appended to the initramfs,
+//! hotplugs disks with raw QMP commands (exact buses and addresses, a
+//! hot-added pci-bridge) and runs the guest half ([`guest_side`]) through
+//! the test image's shell channel. The real hotplug stack (device manager +
+//! hypervisor) is covered by `device_hotplug.rs`.
 //!
 //! Covered: virtio-blk on the root bus and behind a pci-bridge, scsi-hd on
 //! virtio-scsi, vhost-user-blk (qemu-storage-daemon), nvdimm pmem; each
@@ -10,8 +13,9 @@
 //! file; unplug -> no longer matched; re-plug at the same address -> the new
 //! disk at the same container path; duplicate container paths refused.
 //!
-//! Skipped (with a message) without root, qemu-system-x86_64 or the guest
-//! images (`target/guest/` or `$CAPSULE_GUEST_OUT`).
+//! Fails (saying what to build or install) without root,
+//! qemu-system-x86_64, qemu-storage-daemon or the guest images
+//! (`target/guest/` or `$CAPSULE_GUEST_OUT`: `make guest`).
 use capsule_agent::device;
 
 use std::fs;
@@ -19,10 +23,14 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use capsule_agent_protocol::agent::{Device, DeviceKind};
+use capsule_devmgr::BlockDriver;
+use capsule_hypervisor::config::{AccelMode, MachineType, PmemConfig, VmConfig, VsockMode};
+use capsule_hypervisor::testkit::Daemon;
+use capsule_hypervisor::{QemuVm, VmBuilder};
 use device::{create_nodes, prepare, DeviceWatcher};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -153,15 +161,6 @@ fn guest_side() {
 }
 
 // ----------------------------------------------------------------- host half
-
-/// Kills and reaps a child we started.
-struct Reaped(Child);
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Cpio(Vec<u8>, u32);
 impl Cpio {
@@ -453,18 +452,26 @@ fn guest_images() -> Option<(PathBuf, PathBuf)> {
     (k.exists() && i.exists()).then_some((k, i))
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+/// QEMU started by the hypervisor crate, with the runtime its reaper and
+/// QMP tasks live on. Killed (and reaped) on drop.
+struct Qemu {
+    rt: tokio::runtime::Runtime,
+    vm: QemuVm,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let p = self.vm.process();
+        if !p.has_exited() {
+            let _ = p.signal(libc::SIGKILL);
+        }
+        self.rt.block_on(p.wait_exit(Duration::from_secs(10)));
+    }
 }
 
 /// A booted test guest with this binary in its initramfs.
 struct Vm {
-    _qemu: Reaped,
+    _qemu: Qemu,
     qmp: Qmp,
     ch: Channel,
     console: PathBuf,
@@ -476,70 +483,67 @@ impl Vm {
     }
 }
 
-/// Guest images, root and QEMU, or `None` (with a message: skipped).
-fn preflight() -> Option<(PathBuf, PathBuf)> {
+/// Guest images, root and QEMU; fails saying what to build or install.
+fn preflight() -> (PathBuf, PathBuf) {
     let Some(images) = guest_images() else {
-        eprintln!("skipped: no guest images (run guest/build.sh)");
-        return None;
+        panic!(
+            "no guest images (vmlinuz, initramfs-test.img) in target/guest or $CAPSULE_GUEST_OUT: \
+             build them with `make guest` (guest/build.sh)"
+        );
     };
-    if !nix::unistd::geteuid().is_root() || !have("qemu-system-x86_64") {
-        eprintln!("skipped: needs root and qemu-system-x86_64");
-        return None;
-    }
-    Some(images)
+    capsule_hypervisor::testkit::require_root("booting the guest with hot-plugged disks");
+    capsule_hypervisor::testkit::require_qemu();
+    images
 }
 
-/// Boots `machine` (TCG, 512M shared memory) with `devices` before the
-/// agent channel, and waits for the shell channel.
-fn boot(dir: &Path, (kernel, base): (PathBuf, PathBuf), machine: &str, devices: &[&str]) -> Vm {
+/// Boots `machine` through the hypervisor crate (TCG, 2 vCPUs, 512M
+/// shared memory, the virtio-scsi controller `scsi0`; on pc nvdimm slots;
+/// on q35 one root port, `rp0` at `08`), takes over QMP and waits for the
+/// shell channel.
+fn boot(dir: &Path, (kernel, base): (PathBuf, PathBuf), machine: MachineType) -> Vm {
     let initrd = build_initrd(&base, &std::env::current_exe().unwrap(), dir);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-m", "512M,slots=2,maxmem=2G", "-smp", "2"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join("console.log").display()))
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args(["-machine", machine])
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            dir.join("qmp.sock").display()
-        ));
-    for d in devices {
-        cmd.args(["-device", d]);
+    let mut cfg = VmConfig::new(dir.join("run"));
+    cfg.qemu_binary = capsule_hypervisor::testkit::require_qemu();
+    cfg.machine = machine;
+    cfg.pcie_root_ports = 1;
+    cfg.vcpus = 2;
+    cfg.memory_mb = 512;
+    cfg.shared_memory = true;
+    cfg.kernel = Some(kernel);
+    cfg.initrd = Some(initrd);
+    cfg.cmdline = "console=ttyS0 panic=-1 quiet".into();
+    cfg.accel = AccelMode::Tcg;
+    cfg.agent.vsock = VsockMode::Off;
+    cfg.block_driver = BlockDriver::VirtioScsi;
+    if machine == MachineType::Pc {
+        cfg.pmem = Some(PmemConfig {
+            slots: 2,
+            maxmem_mb: 2048,
+        });
     }
-    cmd.args(["-device", "virtio-serial-pci,id=vser0"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=agent0,path={},server=on,wait=off",
-            dir.join("agent.sock").display()
-        ))
-        .args([
-            "-device",
-            "virtserialport,bus=vser0.0,chardev=agent0,name=agent.channel.0",
-        ])
-        .args(["-device", "virtio-rng-pci"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let qemu = Reaped(cmd.spawn().unwrap());
-    let qmp = Qmp::new(&dir.join("qmp.sock"));
-    let ch = Channel::new(&dir.join("agent.sock"));
+    cfg.die_with_parent = true;
+    let (qmp_sock, agent_sock, console) = (cfg.qmp_socket(), cfg.agent_socket(), cfg.console_log());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let vm = rt
+        .block_on(async {
+            let vm = VmBuilder::new(cfg)?.start().await?;
+            // QEMU serves one QMP client: this test's own.
+            vm.disconnect().await;
+            Ok::<_, capsule_hypervisor::HypervisorError>(vm)
+        })
+        .unwrap_or_else(|e| panic!("starting the VM: {e}"));
+    let qemu = Qemu { rt, vm };
+    let qmp = Qmp::new(&qmp_sock);
+    let ch = Channel::new(&agent_sock);
     let mut vm = Vm {
         _qemu: qemu,
         qmp,
         ch,
-        console: dir.join("console.log"),
+        console,
     };
     let (code, out) = vm.ch.run("test -x /capsule-probe/device_guest && uname -r");
     assert_eq!(code, 0, "{out}\nconsole:\n{}", vm.console());
@@ -548,8 +552,7 @@ fn boot(dir: &Path, (kernel, base): (PathBuf, PathBuf), machine: &str, devices: 
 
 #[test]
 fn guest_hotplug_discovery() {
-    let Some(images) = preflight() else { return };
-    let vhost = have("qemu-storage-daemon");
+    let images = preflight();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (a, b, c, d, v) = (
@@ -560,31 +563,9 @@ fn guest_hotplug_discovery() {
         image(dir, "V", 8 << 20),
     );
     let p = image(dir, "P", 128 << 20);
-
-    let _storage = vhost.then(|| {
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=f1,filename={}", v.display()))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e1,node-name=f1,addr.type=unix,addr.path={},writable=on",
-                dir.join("vub.sock").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Reaped(child)
-    });
-    let vm = boot(
-        dir,
-        images,
-        "pc,nvdimm=on,memory-backend=mem",
-        &[
-            "pci-bridge,id=br1,chassis_nr=1,bus=pci.0,addr=0x1e",
-            "virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x4",
-        ],
-    );
+    let _storage = Daemon::vhost_user_blk(&v, &dir.join("vub.sock"), &dir.join("qsd.log"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let vm = boot(dir, images, MachineType::Pc);
     let console_log = vm.console.clone();
     let console = || fs::read_to_string(&console_log).unwrap_or_default();
     let Vm {
@@ -593,10 +574,25 @@ fn guest_hotplug_discovery() {
         _qemu,
         ..
     } = vm;
+    // A pci-bridge (the launcher adds none), hot-added before the guest
+    // waits: disks behind it have two-hop paths (1e/03).
+    qmp.ok(
+        "device_add",
+        json!({"driver": "pci-bridge", "id": "br1", "chassis_nr": 1, "bus": "pci.0", "addr": "0x1e"}),
+    );
+    let (code, out) = ch.run(
+        "i=0; while ! [ -d /sys/bus/pci/devices/0000:00:1e.0/pci_bus ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; ls /sys/bus/pci/devices/0000:00:1e.0/pci_bus",
+    );
+    assert_eq!(
+        code,
+        0,
+        "the guest never saw the bridge: {out}\n{}",
+        console()
+    );
 
     // 1. Everything hotplugged while the guest waits.
     let mut devices = vec![
-        sd("devA", DeviceKind::DEVICE_KIND_BLK_PCI, "05", "/dev/xvdb"),
+        sd("devA", DeviceKind::DEVICE_KIND_BLK_PCI, "07", "/dev/xvdb"),
         sd(
             "devB",
             DeviceKind::DEVICE_KIND_BLK_PCI,
@@ -606,21 +602,19 @@ fn guest_hotplug_discovery() {
         sd("devC", DeviceKind::DEVICE_KIND_SCSI, "1:4", "/dev/xvdd"),
         sd("devP", DeviceKind::DEVICE_KIND_PMEM, "0", "/dev/pm"),
     ];
-    if vhost {
-        devices.push(sd(
-            "devV",
-            DeviceKind::DEVICE_KIND_VHOST_USER_BLK,
-            "06",
-            "/dev/xvde",
-        ));
-    }
+    devices.push(sd(
+        "devV",
+        DeviceKind::DEVICE_KIND_VHOST_USER_BLK,
+        "06",
+        "/dev/xvde",
+    ));
     let step = Step {
         devices,
         timeout_ms: 60_000,
         write: true,
     };
     let res = guest_step(&mut ch, &step, || {
-        qmp.add_blk("nA", &a, json!({"driver": "virtio-blk-pci", "id": "blkA", "drive": "nA", "bus": "pci.0", "addr": "0x5"}));
+        qmp.add_blk("nA", &a, json!({"driver": "virtio-blk-pci", "id": "blkA", "drive": "nA", "bus": "pci.0", "addr": "0x7"}));
         qmp.add_blk("nB", &b, json!({"driver": "virtio-blk-pci", "id": "blkB", "drive": "nB", "bus": "br1", "addr": "0x3"}));
         qmp.add_blk(
             "nC",
@@ -635,7 +629,7 @@ fn guest_hotplug_discovery() {
             "device_add",
             json!({"driver": "nvdimm", "id": "nv0", "memdev": "pm0"}),
         );
-        if vhost {
+        {
             qmp.ok(
                 "chardev-add",
                 json!({"id": "vu1", "backend": {"type": "socket", "data": {
@@ -660,9 +654,7 @@ fn guest_hotplug_discovery() {
         ("devC".into(), "CAPSULE-C".into()),
         ("devP".into(), "CAPSULE-P".into()),
     ];
-    if vhost {
-        want.push(("devV".into(), "CAPSULE-V".into()));
-    }
+    want.push(("devV".into(), "CAPSULE-V".into()));
     assert_eq!(read, want, "{res:?}");
     for (img, id) in [(&a, "devA"), (&b, "devB"), (&c, "devC"), (&p, "devP")] {
         assert_eq!(
@@ -672,9 +664,7 @@ fn guest_hotplug_discovery() {
             img.display()
         );
     }
-    if vhost {
-        assert_eq!(read_at(&v, MARK_AT, 32), "GUEST-devV");
-    }
+    assert_eq!(read_at(&v, MARK_AT, 32), "GUEST-devV");
     let node_a = res.got[0].node.clone();
 
     // 2. Unplugged: no longer matched, however recently it was seen.
@@ -685,7 +675,7 @@ fn guest_hotplug_discovery() {
         devices: vec![sd(
             "devA",
             DeviceKind::DEVICE_KIND_BLK_PCI,
-            "05",
+            "07",
             "/dev/xvdb",
         )],
         timeout_ms: 1500,
@@ -695,7 +685,7 @@ fn guest_hotplug_discovery() {
     assert!(res.timeout, "{res:?}");
     let msg = res.error.unwrap_or_default();
     assert!(
-        msg.starts_with("device devA (blk-pci at 05): not visible in the guest after 1.5s"),
+        msg.starts_with("device devA (blk-pci at 07): not visible in the guest after 1.5s"),
         "{msg}"
     );
 
@@ -705,14 +695,14 @@ fn guest_hotplug_discovery() {
         devices: vec![sd(
             "devD",
             DeviceKind::DEVICE_KIND_BLK_PCI,
-            "05",
+            "07",
             "/dev/xvdb",
         )],
         timeout_ms: 60_000,
         write: true,
     };
     let res = guest_step(&mut ch, &again, || {
-        qmp.add_blk("nD", &d, json!({"driver": "virtio-blk-pci", "id": "blkD", "drive": "nD", "bus": "pci.0", "addr": "0x5"}));
+        qmp.add_blk("nD", &d, json!({"driver": "virtio-blk-pci", "id": "blkD", "drive": "nD", "bus": "pci.0", "addr": "0x7"}));
     });
     assert_eq!(res.error, None);
     assert_eq!(
@@ -750,21 +740,16 @@ fn guest_hotplug_discovery() {
 
 #[test]
 fn guest_pcie_root_port_discovery() {
-    let Some(images) = preflight() else { return };
+    let images = preflight();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let img = image(dir, "Q", 8 << 20);
-    let mut vm = boot(
-        dir,
-        images,
-        "q35,memory-backend=mem",
-        &["pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=0x10"],
-    );
+    let mut vm = boot(dir, images, MachineType::Q35);
     let step = Step {
         devices: vec![sd(
             "devQ",
             DeviceKind::DEVICE_KIND_BLK_PCI,
-            "10/00",
+            "08/00",
             "/dev/xvdq",
         )],
         timeout_ms: 60_000,
@@ -772,7 +757,7 @@ fn guest_pcie_root_port_discovery() {
     };
     let qmp = &mut vm.qmp;
     let res = guest_step(&mut vm.ch, &step, || {
-        qmp.add_blk("nQ", &img, json!({"driver": "virtio-blk-pci", "id": "blkQ", "drive": "nQ", "bus": "rp1", "addr": "0x0"}));
+        qmp.add_blk("nQ", &img, json!({"driver": "virtio-blk-pci", "id": "blkQ", "drive": "nQ", "bus": "rp0", "addr": "0x0"}));
     });
     assert_eq!(res.error, None, "console:\n{}", vm.console());
     assert_eq!(res.got[0].read, "CAPSULE-Q");

@@ -1,6 +1,6 @@
 //! The uevent listener on the real host: `DeviceWatcher::start` on /sys and
 //! /dev, woken by the kernel's uevents for loop devices (needs root and
-//! /dev/loop-control; skipped with a message otherwise).
+//! /dev/loop-control; fails saying so otherwise).
 use capsule_agent::device;
 
 use std::fs;
@@ -23,12 +23,13 @@ fn event_only() -> WatcherConfig {
     }
 }
 
-fn usable() -> bool {
-    let ok = nix::unistd::geteuid().is_root() && Path::new("/dev/loop-control").exists();
-    if !ok {
-        eprintln!("skipped: needs root and /dev/loop-control");
-    }
-    ok
+/// Root and the loop driver, or a failure saying what is missing.
+fn require_loop_devices() {
+    capsule_hypervisor::testkit::require_root("creating loop devices");
+    assert!(
+        Path::new("/dev/loop-control").exists(),
+        "/dev/loop-control is missing: load the loop driver (`modprobe loop`)"
+    );
 }
 
 fn loop_ctl(req: libc::c_ulong, index: u32) -> std::io::Result<()> {
@@ -58,9 +59,7 @@ impl Drop for LoopDev {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_a_losetup_device_is_woken_by_the_change_uevent() {
-    if !usable() {
-        return;
-    }
+    require_loop_devices();
     let w = DeviceWatcher::start_with("/sys".into(), "/dev".into(), event_only()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
@@ -111,15 +110,10 @@ async fn wait_for_a_losetup_device_is_woken_by_the_change_uevent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blk_mmio_by_name_finds_a_hotplugged_loop_device_and_not_a_removed_one() {
-    if !usable() {
-        return;
-    }
+    require_loop_devices();
     let w = DeviceWatcher::start_with("/sys".into(), "/dev".into(), event_only()).unwrap();
     // Pick a free index without creating it yet.
-    let Some(index) = new_loop_index() else {
-        eprintln!("skipped: could not create a loop device");
-        return;
-    };
+    let index = new_loop_index().expect("no free loop device index (LOOP_CTL_ADD failed)");
     loop_ctl(LOOP_CTL_REMOVE, index).unwrap();
     let name = format!("loop{index}");
     let mut d = Device::new();

@@ -21,7 +21,7 @@ fn code(e: &capsule_agent_protocol::client::ClientError) -> Option<Code> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_processes_and_stdio() {
     let _g = vm_lock();
-    let vm = Vm::boot(VmOptions::default());
+    let vm = Vm::boot(VmOptions::default()).await;
     let conn = vm.connect().await;
 
     let d = conn
@@ -324,12 +324,13 @@ async fn containers_processes_and_stdio() {
         .await
         .unwrap();
     eprintln!("--- console ---\n{}", vm.console());
+    vm.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_named_and_coded() {
     let _g = vm_lock();
-    let vm = Vm::boot(VmOptions::default());
+    let vm = Vm::boot(VmOptions::default()).await;
     let conn = vm.connect().await;
     create_sandbox(&conn, "").await.unwrap();
     let rootfs = vm.busybox_rootfs("bad");
@@ -441,12 +442,13 @@ async fn errors_are_named_and_coded() {
     assert_eq!(code(&e), Some(Code::INVALID_ARGUMENT), "{e}");
     remove(&conn, "nobin").await.unwrap();
     eprintln!("--- console ---\n{}", vm.console());
+    vm.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_reconnects_mid_session() {
     let _g = vm_lock();
-    let vm = Vm::boot(VmOptions::default());
+    let vm = Vm::boot(VmOptions::default()).await;
     let mut conn = vm.connect().await;
     create_sandbox(&conn, "").await.unwrap();
     vm.busybox_container(&conn, "r1", &["sleep", "1000"], false)
@@ -524,6 +526,7 @@ async fn host_reconnects_mid_session() {
     );
     remove(&conn, "r1").await.unwrap();
     eprintln!("--- console ---\n{console}");
+    vm.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,20 +536,27 @@ async fn rootfs_on_a_block_storage() {
     busybox_rootfs(&tmp.path().join("content/rootfs"));
     let image = tmp.path().join("disk.img");
     ext4_image(&tmp.path().join("content"), &image, 32);
+    // The disk is cold-plugged by the device manager (virtio-blk): the
+    // guest finds it at the address the manager returned.
     let vm = Vm::boot(VmOptions {
-        extra_args: vec![
-            "-drive".into(),
-            format!("file={},if=none,id=d1,format=raw", image.display()),
-            "-device".into(),
-            "virtio-blk-pci,drive=d1,serial=S1,addr=0x9".into(),
-        ],
+        coldplug: vec![capsule_devmgr::HostDevice {
+            info: None,
+            host_path: image.clone(),
+            kind: capsule_devmgr::DeviceKind::Block,
+        }],
         ..Default::default()
-    });
+    })
+    .await;
+    let (disk_id, disk_addr) = vm.coldplugged[0].clone();
+    let capsule_devmgr::GuestAddress::Pci(disk_path) = &disk_addr else {
+        panic!("a virtio-blk disk at {disk_addr:?}")
+    };
+    let disk_path = disk_path.to_string();
     let conn = vm.connect().await;
     create_sandbox(&conn, "").await.unwrap();
     let mut st = Storage::new();
     st.driver = "blk-pci".into();
-    st.source = "09".into();
+    st.source = disk_path.clone();
     st.fstype = "ext4".into();
     st.mount_point = "/run/capsule/storage/d1".into();
     let mut req = CreateContainerRequest::new();
@@ -584,9 +594,9 @@ async fn rootfs_on_a_block_storage() {
     vm.busybox_container(&conn, "holder", &["sleep", "1000"], false)
         .await;
     let mut d = Device::new();
-    d.id = "dev7".into();
+    d.id = disk_id.to_string();
     d.kind = DeviceKind::DEVICE_KIND_BLK_PCI.into();
-    d.guest_address = "09".into();
+    d.guest_address = disk_path.clone();
     d.container_path = "/dev/xvdb".into();
     d.dev_type = "b".into();
     d.host_major = 8;
@@ -618,4 +628,5 @@ async fn rootfs_on_a_block_storage() {
         Some(Code::NOT_FOUND)
     );
     remove(&conn, "holder").await.unwrap();
+    vm.shutdown().await;
 }

@@ -9,6 +9,7 @@
 //!   [`description`] (persisted state for re-attach).
 //! - [`VmSlot`]: one `DeviceBackend` for a sandbox's whole life (cold-plug
 //!   before boot, hotplug after), for the device manager to hold.
+//! - `testkit` (feature `testkit`): host resources for real-QEMU tests.
 use async_trait::async_trait;
 use tokio::sync::watch;
 
@@ -27,6 +28,8 @@ pub mod pci_path;
 pub mod process;
 pub mod qmp;
 pub mod slot;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod vhost_probe;
 pub mod vm;
 

@@ -183,7 +183,7 @@ async fn vhost_user_blk_with_qemu_storage_daemon_on_q35() -> Result<()> {
         "qemu-storage-daemon",
         &log,
     )?;
-    daemon.wait_for(&sock, Duration::from_secs(10), &log)?;
+    daemon.wait_for(&sock, Duration::from_secs(10))?;
 
     let mut req = request(
         "vub1",
@@ -250,7 +250,7 @@ fn spawn_virtiofsd(dir: &Path, share: &Path, sock: &Path) -> Result<Daemon> {
             "virtiofsd",
             &log,
         )?;
-        match d.wait_for(sock, Duration::from_secs(10), &log) {
+        match d.wait_for(sock, Duration::from_secs(10)) {
             Ok(()) => return Ok(d),
             Err(e) => last = e.to_string(),
         }

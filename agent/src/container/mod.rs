@@ -57,8 +57,10 @@ pub struct Container {
     start: tokio::sync::Mutex<Option<StartHandle>>,
     /// Container-level storages this container mounted (unmounted on remove).
     pub storages: Vec<PathBuf>,
-    /// Container paths of devices added with AddDevice.
-    pub hot_devices: Mutex<Vec<String>>,
+    /// The device nodes the agent made (CreateContainer devices, then
+    /// AddDevice): path relative to the container root, and device id.
+    /// AddDevice refuses a path already here; RemoveDevice takes one out.
+    pub device_nodes: Mutex<Vec<(PathBuf, String)>>,
 }
 
 /// What the child-spawning helpers need.
@@ -73,6 +75,8 @@ pub struct Prepared {
     pub rootfs: PathBuf,
     pub namespaces: u64,
     pub devices: Vec<child::DeviceWire>,
+    /// [`Container::device_nodes`] of the `devices`.
+    pub device_nodes: Vec<(PathBuf, String)>,
     pub stdin: bool,
     pub storages: Vec<PathBuf>,
 }
@@ -170,7 +174,7 @@ impl Container {
                 status,
             })),
             storages: p.storages,
-            hot_devices: Mutex::new(Vec::new()),
+            device_nodes: Mutex::new(p.device_nodes),
         })
     }
 
@@ -379,7 +383,7 @@ impl Container {
             return;
         }
         let Ok(p) = self.process(exec_id) else { return };
-        if p.exited().is_some() && p.stdio.drained().await {
+        if p.exit_reported() && p.stdio.drained().await {
             lock(&self.execs).remove(exec_id);
         }
     }

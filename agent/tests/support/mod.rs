@@ -1,14 +1,16 @@
 //! Test support: boot the real guest (kernel + initramfs with the static
-//! agent as /init) under QEMU with virtio-serial and virtio-fs, connect the
-//! host client, create containers from a busybox rootfs.
+//! agent as /init) through `capsule-hypervisor` with virtio-serial and a
+//! virtio-fs share, connect the host client, create containers from a
+//! busybox rootfs.
 //!
-//! Reusable by other tests (device hotplug): [`Vm::boot`] with
-//! [`VmOptions::extra_args`] for cold-plugged devices and [`Vm::qmp_socket`]
-//! for hotplug, [`Vm::connect`], [`Vm::sandbox`] (CreateSandbox with the
-//! share), [`Vm::busybox_container`] / [`create_container`], [`run`].
+//! Reusable by other tests (device hotplug): [`Vm::boot`] (async) with
+//! [`VmOptions::coldplug`] for devices cold-plugged through the device
+//! manager, [`Vm::blk`] / [`Vm::scsi`] (device managers over the running
+//! VM) for hotplug, [`agent_device`] to turn a manager's result into the
+//! agent's `Device`, [`Vm::connect`], [`create_sandbox`],
+//! [`Vm::busybox_container`] / [`create_container`], [`run`], [`run_as`].
 //!
-//! QEMU is launched raw, all in [`qemu`] (one small module, to be swapped
-//! for `capsule-hypervisor`'s launcher once it cold-plugs virtio-fs).
+//! QEMU is launched only by the hypervisor crate (see [`qemu`]).
 #![allow(dead_code)]
 
 pub mod qemu;
@@ -92,7 +94,8 @@ pub fn busybox_rootfs(dir: &Path) {
     std::fs::copy(bb, dir.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "echo", "cat", "sleep", "ls", "true", "false", "id", "hostname", "ps", "kill",
-        "stty", "tty", "env", "pwd", "head", "wc", "yes", "mkdir", "test", "uname", "grep",
+        "stty", "tty", "env", "pwd", "head", "wc", "yes", "mkdir", "test", "uname", "grep", "stat",
+        "dd", "sync", "tr", "usleep", "od", "cut", "seq",
     ] {
         let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
     }
@@ -234,6 +237,85 @@ pub async fn wait(conn: &AgentConn, cid: &str, exec_id: &str) -> i32 {
         .await
         .expect("wait")
         .status
+}
+
+/// Execs `args` as `uid:gid` (with `groups`), returns (status, stdout, stderr).
+pub async fn run_as(
+    conn: &AgentConn,
+    cid: &str,
+    exec_id: &str,
+    (uid, gid, groups): (u32, u32, &[u32]),
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut p = process(args, false);
+    p["user"] = json!({"uid": uid, "gid": gid, "additionalGids": groups});
+    let mut r = ExecProcessRequest::new();
+    r.container_id = cid.into();
+    r.exec_id = exec_id.into();
+    r.process = serde_json::to_vec(&p).unwrap();
+    conn.exec_process(&r)
+        .await
+        .unwrap_or_else(|e| panic!("exec {exec_id} in {cid}: {e}"));
+    let (out, err) = tokio::join!(
+        read_all(conn, cid, exec_id, false),
+        read_all(conn, cid, exec_id, true)
+    );
+    let st = wait(conn, cid, exec_id).await;
+    (
+        st,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+/// What the agent needs to find a device the manager attached (`kind` at
+/// `addr`, known to QEMU as `id`) and make its node for `info`: the same
+/// translation the shim does.
+pub fn agent_device(
+    id: &str,
+    kind: &capsule_devmgr::DeviceKind,
+    addr: &capsule_devmgr::GuestAddress,
+    info: &capsule_devmgr::DeviceInfo,
+) -> Device {
+    use capsule_devmgr::device::VhostUserKind;
+    use capsule_devmgr::{DeviceKind as K, GuestAddress as A};
+    let (k, address) = match (kind, addr) {
+        (K::Generic, _) => (DeviceKind::DEVICE_KIND_GENERIC, String::new()),
+        (K::Block, A::Pci(p)) => (DeviceKind::DEVICE_KIND_BLK_PCI, p.to_string()),
+        (K::Block, A::Scsi(a)) => (DeviceKind::DEVICE_KIND_SCSI, a.to_string()),
+        (K::Block, A::Mmio(n)) => (DeviceKind::DEVICE_KIND_BLK_MMIO, n.clone()),
+        (K::Block | K::Pmem, A::Pmem(n)) => (DeviceKind::DEVICE_KIND_PMEM, n.to_string()),
+        (
+            K::VhostUser {
+                vhost: VhostUserKind::Blk,
+                ..
+            },
+            A::Pci(p),
+        ) => (DeviceKind::DEVICE_KIND_VHOST_USER_BLK, p.to_string()),
+        (K::Vfio(_), A::Vfio(paths)) => (
+            DeviceKind::DEVICE_KIND_VFIO,
+            paths
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        (k, a) => panic!("device {id}: a {} device at {a:?}", k.name()),
+    };
+    let mut d = Device::new();
+    d.id = id.into();
+    d.kind = k.into();
+    d.guest_address = address;
+    d.container_path = info.container_path.display().to_string();
+    d.dev_type = info.dev_type.to_string();
+    d.file_mode = info.file_mode.unwrap_or(0);
+    d.uid = info.uid.unwrap_or(0);
+    d.gid = info.gid.unwrap_or(0);
+    d.read_only = info.read_only;
+    d.cgroup_access = info.cgroup_access.clone();
+    d.host_major = i64::from(info.major);
+    d.host_minor = i64::from(info.minor);
+    d
 }
 
 /// Execs `args`, returns (status, stdout, stderr).

@@ -1,5 +1,6 @@
 //! Test harness: guest image, VMs in temp dirs, the guest shell over
-//! `agent.channel.0`, loop devices, leak snapshots.
+//! `agent.channel.0`, leak snapshots; loop devices, daemons and binary
+//! checks come from `capsule_hypervisor::testkit`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,10 @@ use capsule_devmgr::backend::AttachRequest;
 use capsule_devmgr::device::{BlockDriver, DeviceKind};
 use capsule_hypervisor::config::{AccelMode, MachineType, PmemConfig, VmConfig};
 use capsule_hypervisor::{QemuVm, VmBuilder};
+
+// Host resources shared with other crates' real-QEMU tests.
+#[allow(unused_imports)]
+pub use capsule_hypervisor::testkit::{pattern, require_binary, require_qemu, Daemon, LoopDev};
 
 pub const READY_MARKER: &str = "CAPSULE-TEST-INIT READY";
 
@@ -68,27 +73,6 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
         initrd.display()
     );
     (kernel, initrd)
-}
-
-/// Checks a host binary is there; panics with what to install otherwise.
-pub fn require_binary(name: &str, install: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} not found in PATH or ~/.cargo/bin: {install}"))
-}
-
-pub fn require_qemu() -> PathBuf {
-    require_binary(
-        "qemu-system-x86_64",
-        "install it with `apt-get install qemu-system-x86`",
-    )
 }
 
 /// How to boot a test VM.
@@ -378,39 +362,6 @@ impl GuestShell {
     }
 }
 
-/// A loop device over a file in a temp dir; detached on drop.
-pub struct LoopDev {
-    pub device: PathBuf,
-    pub file: PathBuf,
-}
-
-impl LoopDev {
-    pub fn new(dir: &Path, name: &str, size: u64) -> Result<Self> {
-        let losetup = require_binary("losetup", "install util-linux");
-        let file = dir.join(name);
-        std::fs::File::create(&file)?.set_len(size)?;
-        let out = Command::new(losetup)
-            .args(["--find", "--show"])
-            .arg(&file)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "losetup --find --show {}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let device = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        Ok(Self { device, file })
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-    }
-}
-
 /// A request as the device manager would build it.
 pub fn request(id: &str, kind: DeviceKind, host_path: &Path) -> AttachRequest {
     AttachRequest {
@@ -424,62 +375,5 @@ pub fn request(id: &str, kind: DeviceKind, host_path: &Path) -> AttachRequest {
         scsi_addr: None,
         pmem_index: None,
         pci_slots: vec![],
-    }
-}
-
-/// A byte pattern recognisable in the guest and on the host.
-pub fn pattern(tag: &str, len: usize) -> Vec<u8> {
-    tag.as_bytes().iter().copied().cycle().take(len).collect()
-}
-
-/// Runs a background process (a vhost-user backend) killed on drop.
-pub struct Daemon {
-    pub child: std::process::Child,
-    pub name: String,
-}
-
-impl Daemon {
-    pub fn spawn(cmd: &mut Command, name: &str, log: &Path) -> Result<Self> {
-        let f = std::fs::File::create(log)?;
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self {
-            child,
-            name: name.into(),
-        })
-    }
-
-    /// Waits until `path` exists (the daemon's socket), or the daemon dies.
-    pub fn wait_for(&mut self, path: &Path, timeout: Duration, log: &Path) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while !path.exists() {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({status}): {}",
-                    self.name,
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not create {} within {timeout:?}",
-                    self.name,
-                    path.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
