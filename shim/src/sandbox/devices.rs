@@ -1,107 +1,11 @@
 //! Container devices through the device manager: resolution, reference and
-//! attach counting, rollback; and the backend that switches from "VM being
-//! configured" (cold-plug) to "VM running" (hotplug) at boot.
-use async_trait::async_trait;
-use tokio::sync::RwLock;
-
-use capsule_devmgr::backend::{
-    AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome,
-};
-use capsule_devmgr::{
-    oci, DetachOutcome, DeviceId, DeviceInfo, DeviceManager, GuestAddress, Resolver,
-};
-use capsule_hypervisor::{QemuVm, VmBuilder};
+//! attach counting, rollback. The manager's backend is the hypervisor's
+//! `VmSlot` (cold-plug before boot, hotplug after).
+use capsule_devmgr::{oci, DetachOutcome, DeviceId, DeviceInfo, DeviceManager, Resolver};
 
 use super::convert::agent_device;
 use super::AttachedDevice;
 use crate::error::{Error, Result};
-
-enum Phase {
-    Preparing(Box<VmBuilder>),
-    Running(QemuVm),
-    Gone,
-}
-
-/// The device manager's backend for one sandbox: the [`VmBuilder`] until
-/// the VM starts, then the running [`QemuVm`].
-pub struct PhaseBackend {
-    phase: RwLock<Phase>,
-}
-
-impl PhaseBackend {
-    pub fn new(builder: VmBuilder) -> Self {
-        Self {
-            phase: RwLock::new(Phase::Preparing(Box::new(builder))),
-        }
-    }
-
-    /// Boots the VM with what was cold-plugged.
-    pub async fn start(&self) -> Result<QemuVm> {
-        let mut phase = self.phase.write().await;
-        match std::mem::replace(&mut *phase, Phase::Gone) {
-            Phase::Preparing(b) => {
-                let vm = b.start().await?;
-                *phase = Phase::Running(vm.clone());
-                Ok(vm)
-            }
-            Phase::Running(vm) => {
-                *phase = Phase::Running(vm.clone());
-                Ok(vm)
-            }
-            Phase::Gone => Err(Error::internal("the VM was already stopped")),
-        }
-    }
-
-    /// The running VM, if any.
-    pub async fn vm(&self) -> Option<QemuVm> {
-        match &*self.phase.read().await {
-            Phase::Running(vm) => Some(vm.clone()),
-            _ => None,
-        }
-    }
-}
-
-fn gone(req: &AttachRequest) -> BackendError {
-    BackendError::new(
-        BackendErrorKind::Failed,
-        format!("device {}: the VM is gone", req.id),
-    )
-}
-
-#[async_trait]
-impl DeviceBackend for PhaseBackend {
-    async fn hotplug(
-        &self,
-        req: &AttachRequest,
-    ) -> std::result::Result<GuestAddress, BackendError> {
-        match &*self.phase.read().await {
-            Phase::Preparing(b) => b.hotplug(req).await,
-            Phase::Running(vm) => vm.hotplug(req).await,
-            Phase::Gone => Err(gone(req)),
-        }
-    }
-    async fn unplug(
-        &self,
-        req: &AttachRequest,
-    ) -> std::result::Result<UnplugOutcome, BackendError> {
-        match &*self.phase.read().await {
-            Phase::Preparing(b) => b.unplug(req).await,
-            Phase::Running(vm) => vm.unplug(req).await,
-            // Nothing is plugged into a VM that does not run.
-            Phase::Gone => Ok(UnplugOutcome::Removed),
-        }
-    }
-    async fn coldplug(
-        &self,
-        req: &AttachRequest,
-    ) -> std::result::Result<GuestAddress, BackendError> {
-        match &*self.phase.read().await {
-            Phase::Preparing(b) => b.coldplug(req).await,
-            Phase::Running(vm) => vm.coldplug(req).await,
-            Phase::Gone => Err(gone(req)),
-        }
-    }
-}
 
 /// An attach failure, named by the container's request.
 fn attach_error(info: &DeviceInfo, e: capsule_devmgr::ManagerError) -> Error {

@@ -20,10 +20,10 @@ use capsule_devmgr::{
 };
 use capsule_hypervisor::config::{AgentConfig, VmConfig, VsockMode};
 use capsule_hypervisor::process::VmProcess;
-use capsule_hypervisor::{QemuVm, RunningVm, VmBuilder};
+use capsule_hypervisor::{QemuVm, RunningVm, VmSlot};
 use oci_spec::runtime::Spec;
 
-use super::devices::{attach_all, detach_all, PhaseBackend};
+use super::devices::{attach_all, detach_all};
 use super::{
     share, AttachedDevice, ContainerRequest, ExitStatus, GuestStats, Sandbox, SandboxFactory,
     SharedRootfs, GUEST_SHARED_DIR, SHARE_TAG,
@@ -216,8 +216,7 @@ async fn start(
     .await
     .map_err(|e| e.context("capsule: starting virtiofsd"))?;
 
-    let builder = VmBuilder::new(vm_config.clone())?;
-    let backend = Arc::new(PhaseBackend::new(builder));
+    let backend = Arc::new(VmSlot::new(vm_config.clone())?);
     let mgr = DeviceManager::new(mgr_config, backend.clone(), store)?;
     let share = mgr.new_device(HostDevice {
         info: None,
@@ -235,7 +234,7 @@ async fn start(
     let vm = backend
         .start()
         .await
-        .map_err(|e| e.context("capsule: starting the VM"))?;
+        .map_err(|e| Error::from(e).context("capsule: starting the VM"))?;
     recorder.update(|r| r.qemu = Some(vm.description().clone()))?;
 
     let t = &config.timeouts;
@@ -301,7 +300,7 @@ pub struct QemuSandbox {
     paths: SandboxPaths,
     mgr: DeviceManager,
     #[allow(dead_code)] // keeps the VM backend alive with the manager
-    backend: Arc<PhaseBackend>,
+    backend: Arc<VmSlot>,
     resolver: Resolver,
     vm: QemuVm,
     agent: AgentConn,
