@@ -54,6 +54,7 @@ impl fmt::Display for DevType {
 
 /// A validated OCI `linux.devices` entry with its cgroup access folded in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceInfo {
     /// Absolute, normalised path inside the container.
     pub container_path: PathBuf,
@@ -200,7 +201,7 @@ impl<'de> Deserialize<'de> for Bdf {
 
 /// One member of an IOMMU group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum VfioFunction {
     Pci {
         bdf: Bdf,
@@ -232,6 +233,7 @@ pub enum VfioMode {
 
 /// A VFIO IOMMU group: every function in it is attached together.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VfioGroup {
     /// Group number (legacy) or cdev name (`vfio3`, iommufd).
     pub group: String,
@@ -241,7 +243,7 @@ pub struct VfioGroup {
 
 /// What a device is and what attaching it means.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum DeviceKind {
     /// A host block device, attached with the configured [`BlockDriver`].
     Block,
@@ -301,7 +303,12 @@ pub struct HostDevice {
 
 /// Where the guest finds an attached device. Returned by the backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "address", rename_all = "kebab-case")]
+#[serde(
+    tag = "type",
+    content = "address",
+    rename_all = "kebab-case",
+    deny_unknown_fields
+)]
 pub enum GuestAddress {
     /// A PCI device (virtio-blk, vhost-user-*): its path from the root bus.
     Pci(PciPath),

@@ -87,6 +87,10 @@ pub fn validate_container_path(path: &Path) -> Result<(), String> {
     if bytes.contains(&0) {
         return fail("contains a NUL byte");
     }
+    // The state file and the agent protocol carry paths as strings.
+    if std::str::from_utf8(bytes).is_err() {
+        return fail("is not valid UTF-8");
+    }
     if bytes.first() != Some(&b'/') {
         return fail("is not absolute");
     }

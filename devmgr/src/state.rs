@@ -422,10 +422,10 @@ impl StateStore for FileStore {
             return Err(e);
         }
         // The new file is in place; without this it might not survive a
-        // power loss, so a failure is still reported.
+        // power loss, so a failure is still reported (naming the file).
         self.io
             .sync_dir(&self.dir)
-            .map_err(io_err("fsync directory", &self.dir))
+            .map_err(io_err("fsync directory after replacing", &self.file))
     }
 }
 
@@ -455,7 +455,8 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let _ = std::fs::remove_file(&temp);
         return Err(e);
     }
-    rio.sync_dir(dir).map_err(io_err("fsync directory", dir))
+    rio.sync_dir(dir)
+        .map_err(io_err("fsync directory after replacing", path))
 }
 
 #[cfg(test)]

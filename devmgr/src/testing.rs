@@ -335,19 +335,45 @@ impl DeviceBackend for RecordingBackend {
 /// The step of a state write a [`FaultyIo`] fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FaultStep {
-    /// Writing and syncing the temp file (fails with ENOSPC).
+    /// Writing the temp file: nothing is written (ENOSPC by default).
     Write,
+    /// Writing the temp file: half the bytes are written, then the write
+    /// fails (ENOSPC by default: the disk filled up mid-write).
+    ShortWrite,
+    /// fsync of the fully written temp file (EIO by default).
+    SyncFile,
     /// Renaming it over the state file (EIO).
     Rename,
     /// Syncing the directory after the rename (EIO).
     SyncDir,
 }
 
+impl FaultStep {
+    /// Every step, in the order a save goes through them.
+    pub const ALL: [FaultStep; 5] = [
+        FaultStep::Write,
+        FaultStep::ShortWrite,
+        FaultStep::SyncFile,
+        FaultStep::Rename,
+        FaultStep::SyncDir,
+    ];
+
+    /// The errno a fault at this step has unless another one is given:
+    /// ENOSPC for the writes, EIO for the rest.
+    pub fn default_errno(self) -> i32 {
+        match self {
+            FaultStep::Write | FaultStep::ShortWrite => libc::ENOSPC,
+            FaultStep::SyncFile | FaultStep::Rename | FaultStep::SyncDir => libc::EIO,
+        }
+    }
+}
+
 #[derive(Default)]
 struct FaultPlan {
     saves: u64,
-    armed: BTreeMap<u64, FaultStep>,
-    broken: bool,
+    armed: BTreeMap<u64, (FaultStep, i32)>,
+    /// Every save fails here until cleared.
+    broken: Option<(FaultStep, i32)>,
 }
 
 /// Controls a [`FaultyIo`]; clones share the plan.
@@ -359,16 +385,30 @@ impl FaultSwitch {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Make the `nth` save from now (1 = the next one) fail at `step`.
+    /// Make the `nth` save from now (1 = the next one) fail at `step`, with
+    /// the step's [default errno](FaultStep::default_errno).
     pub fn fail_save(&self, nth: u64, step: FaultStep) {
+        self.fail_save_with(nth, step, step.default_errno());
+    }
+
+    /// Make the `nth` save from now fail at `step` with `errno`
+    /// (`libc::ENOSPC`, `libc::EIO`, ...).
+    pub fn fail_save_with(&self, nth: u64, step: FaultStep, errno: i32) {
         let mut p = self.plan();
         let at = p.saves + nth;
-        p.armed.insert(at, step);
+        p.armed.insert(at, (step, errno));
     }
 
     /// While set, every write fails with ENOSPC (a full disk).
     pub fn set_broken(&self, broken: bool) {
-        self.plan().broken = broken;
+        self.plan().broken = broken.then_some((FaultStep::Write, libc::ENOSPC));
+    }
+
+    /// From now on every save fails at `step` with `errno` (a disk that
+    /// stays broken), until [`clear`](Self::clear) or `set_broken(false)`.
+    /// A save armed with [`fail_save`](Self::fail_save) fails as armed.
+    pub fn fail_every_save(&self, step: FaultStep, errno: i32) {
+        self.plan().broken = Some((step, errno));
     }
 
     /// Save attempts seen so far.
@@ -380,7 +420,7 @@ impl FaultSwitch {
     pub fn clear(&self) {
         let mut p = self.plan();
         p.armed.clear();
-        p.broken = false;
+        p.broken = None;
     }
 }
 
@@ -388,8 +428,8 @@ impl FaultSwitch {
 /// [`FaultSwitch`] says.
 pub struct FaultyIo {
     switch: FaultSwitch,
-    /// The step the current save fails at.
-    current: Option<FaultStep>,
+    /// The step the current save fails at, with its errno.
+    current: Option<(FaultStep, i32)>,
 }
 
 impl FaultyIo {
@@ -405,16 +445,24 @@ impl FaultyIo {
     }
 
     fn check(&self, step: FaultStep) -> io::Result<()> {
-        if self.current == Some(step) {
-            let errno = if step == FaultStep::Write {
-                libc::ENOSPC
-            } else {
-                libc::EIO
-            };
-            return Err(io::Error::from_raw_os_error(errno));
+        match self.current {
+            Some((s, errno)) if s == step => Err(io::Error::from_raw_os_error(errno)),
+            _ => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// Creates or truncates `path` (mode 0600) and writes `bytes`, without fsync.
+fn write_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
 
 impl StateIo for FaultyIo {
@@ -423,9 +471,17 @@ impl StateIo for FaultyIo {
             let mut p = self.switch.plan();
             p.saves += 1;
             let n = p.saves;
-            self.current = p.armed.remove(&n).or(p.broken.then_some(FaultStep::Write));
+            self.current = p.armed.remove(&n).or(p.broken);
         }
         self.check(FaultStep::Write)?;
+        if let Some((FaultStep::ShortWrite, _)) = self.current {
+            write_unsynced(path, &bytes[..bytes.len() / 2])?;
+            return self.check(FaultStep::ShortWrite);
+        }
+        if let Some((FaultStep::SyncFile, _)) = self.current {
+            write_unsynced(path, bytes)?;
+            return self.check(FaultStep::SyncFile);
+        }
         RealIo.write_synced(path, bytes)
     }
     fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {

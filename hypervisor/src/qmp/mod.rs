@@ -455,41 +455,56 @@ async fn reader_task(
                 return;
             }
         };
-        let msg: Value = match serde_json::from_slice(&line) {
-            Ok(Value::Object(map)) => Value::Object(map),
-            Ok(other) => {
-                tracing::error!(message = %truncate(&other), "QMP message is not an object; dropping the connection");
-                shared.close(
-                    "QEMU sent a message that is not a JSON object",
-                    CloseKind::Protocol,
-                );
+        match parse_message(&line) {
+            Ok(msg) => dispatch(msg, &shared, &events),
+            Err(reason) => {
+                tracing::error!(%reason, "dropping the QMP connection");
+                shared.close(&reason, CloseKind::Protocol);
                 return;
             }
-            Err(e) => {
-                let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
-                tracing::error!(error = %e, %text, "malformed QMP message; dropping the connection");
-                shared.close(
-                    &format!("malformed JSON from QEMU ({e}): {text:?}"),
-                    CloseKind::Protocol,
-                );
-                return;
-            }
-        };
-        dispatch(msg, &shared, &events);
+        }
     }
 }
 
-fn dispatch(msg: Value, shared: &Shared, events: &broadcast::Sender<QmpEvent>) {
-    if msg.get("event").is_some() {
-        match serde_json::from_value::<QmpEvent>(msg) {
-            Ok(event) => {
-                tracing::debug!(event = %event.event, data = %event.data, "QMP event");
-                // No subscriber is fine: nobody waits for this event.
-                let _ = events.send(event);
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring an event of unexpected shape"),
+/// One message from QEMU, decoded by [`parse_message`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum QmpMessage {
+    /// The reply to the command with `id` (`None`: no numeric id, so it
+    /// cannot be matched and is ignored): its `return` value, or the
+    /// `class` and `desc` of its `error` (`"(none)"` when missing).
+    Reply {
+        id: Option<u64>,
+        result: Result<Value, (String, String)>,
+    },
+    /// An asynchronous event.
+    Event(QmpEvent),
+    /// A message that is ignored (an event of unexpected shape, or neither
+    /// a reply nor an event), with the reason.
+    Ignored(String),
+}
+
+/// Decodes one QMP message: a line without its newline. Pure; never
+/// panics, whatever the bytes. An error means the stream cannot be trusted
+/// any more (not JSON, or not a JSON object) and the connection is dropped.
+pub fn parse_message(line: &[u8]) -> Result<QmpMessage, String> {
+    let msg = match serde_json::from_slice::<Value>(line) {
+        Ok(Value::Object(map)) => Value::Object(map),
+        Ok(other) => {
+            return Err(format!(
+                "QEMU sent a message that is not a JSON object: {}",
+                truncate(&other)
+            ))
         }
-        return;
+        Err(e) => {
+            let text = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+            return Err(format!("malformed JSON from QEMU ({e}): {text:?}"));
+        }
+    };
+    if msg.get("event").is_some() {
+        return Ok(match serde_json::from_value::<QmpEvent>(msg) {
+            Ok(event) => QmpMessage::Event(event),
+            Err(e) => QmpMessage::Ignored(format!("an event of unexpected shape: {e}")),
+        });
     }
     let result = if let Some(ret) = msg.get("return") {
         Ok(ret.clone())
@@ -502,12 +517,40 @@ fn dispatch(msg: Value, shared: &Shared, events: &broadcast::Sender<QmpEvent>) {
         };
         Err((field("class"), field("desc")))
     } else {
-        tracing::warn!(message = %truncate(&msg), "ignoring a QMP message that is neither reply nor event");
-        return;
+        return Ok(QmpMessage::Ignored(format!(
+            "neither reply nor event: {}",
+            truncate(&msg)
+        )));
     };
-    let Some(id) = msg.get("id").and_then(Value::as_u64) else {
-        tracing::warn!(message = %truncate(&msg), "ignoring a QMP reply without a numeric id");
-        return;
+    Ok(QmpMessage::Reply {
+        id: msg.get("id").and_then(Value::as_u64),
+        result,
+    })
+}
+
+fn dispatch(msg: QmpMessage, shared: &Shared, events: &broadcast::Sender<QmpEvent>) {
+    let (id, result) = match msg {
+        QmpMessage::Event(event) => {
+            tracing::debug!(event = %event.event, data = %event.data, "QMP event");
+            // No subscriber is fine: nobody waits for this event.
+            let _ = events.send(event);
+            return;
+        }
+        QmpMessage::Ignored(why) => {
+            tracing::warn!(%why, "ignoring a QMP message");
+            return;
+        }
+        QmpMessage::Reply { id: None, result } => {
+            tracing::warn!(
+                ok = result.is_ok(),
+                "ignoring a QMP reply without a numeric id"
+            );
+            return;
+        }
+        QmpMessage::Reply {
+            id: Some(id),
+            result,
+        } => (id, result),
     };
     let pending = shared.lock().pending.remove(&id);
     let Some(pending) = pending else {

@@ -356,3 +356,47 @@ async fn close_ends_the_session_for_every_clone() {
         .unwrap();
     drop(clone);
 }
+
+#[test]
+fn parse_message_decodes_replies_events_and_refuses_non_objects() {
+    assert_eq!(
+        parse_message(br#"{"return": {"running": true}, "id": 7}"#).unwrap(),
+        QmpMessage::Reply {
+            id: Some(7),
+            result: Ok(json!({"running": true}))
+        }
+    );
+    assert_eq!(
+        parse_message(br#"{"error": {"class": "GenericError", "desc": "no"}, "id": 8}"#).unwrap(),
+        QmpMessage::Reply {
+            id: Some(8),
+            result: Err(("GenericError".into(), "no".into()))
+        }
+    );
+    assert_eq!(
+        parse_message(br#"{"error": 1, "id": "x"}"#).unwrap(),
+        QmpMessage::Reply {
+            id: None,
+            result: Err(("(none)".into(), "(none)".into()))
+        }
+    );
+    match parse_message(br#"{"event": "DEVICE_DELETED", "data": {"device": "d1"}}"#).unwrap() {
+        QmpMessage::Event(e) => assert_eq!(e.deleted_device(), Some("d1")),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        parse_message(br#"{"event": 3}"#).unwrap(),
+        QmpMessage::Ignored(_)
+    ));
+    assert!(matches!(
+        parse_message(br#"{"QMP": {}}"#).unwrap(),
+        QmpMessage::Ignored(_)
+    ));
+    for bad in [&b"[1]"[..], b"null", b"\"x\"", b"{", b"\xff\xfe", b""] {
+        let e = parse_message(bad).unwrap_err();
+        assert!(
+            e.contains("not a JSON object") || e.contains("malformed JSON"),
+            "{e}"
+        );
+    }
+}
