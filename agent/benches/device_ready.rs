@@ -32,7 +32,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -40,60 +39,12 @@ use capsule_agent_protocol::agent::{AddDeviceRequest, ReadStreamRequest, RemoveD
 use capsule_agent_protocol::client::AgentConn;
 use capsule_devmgr::device::DevType;
 use capsule_devmgr::{DetachOutcome, DeviceInfo, DeviceKind, GuestAddress, HostDevice};
+use capsule_hypervisor::testkit::BareQmp;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 const CID: &str = "bench";
 const PATH: &str = "/dev/xvdb";
 const SETTLE: Duration = Duration::from_millis(500);
-
-/// The smallest QMP client that does the job (as in the hypervisor bench).
-struct Bare {
-    r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    w: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Bare {
-    async fn connect(path: &Path) -> Result<Self> {
-        let (r, w) = UnixStream::connect(path).await?.into_split();
-        let mut b = Self {
-            r: BufReader::new(r),
-            w,
-        };
-        b.line().await?; // greeting
-        b.cmd("qmp_capabilities", json!({})).await?;
-        Ok(b)
-    }
-    async fn line(&mut self) -> Result<Value> {
-        let mut s = String::new();
-        if self.r.read_line(&mut s).await? == 0 {
-            bail!("QMP closed");
-        }
-        Ok(serde_json::from_str(&s)?)
-    }
-    async fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value> {
-        let msg = json!({ "execute": execute, "arguments": arguments });
-        self.w.write_all(format!("{msg}\n").as_bytes()).await?;
-        loop {
-            let v = self.line().await?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("{execute}: {e}");
-            }
-        }
-    }
-    async fn wait_deleted(&mut self, id: &str) -> Result<()> {
-        loop {
-            let v = self.line().await?;
-            if v["event"] == "DEVICE_DELETED" && v["data"]["device"] == id {
-                return Ok(());
-            }
-        }
-    }
-}
 
 /// Container command: says `ready` once it polls, exits 0 once a disk with
 /// `serial` exists. Shell builtins only, no fork per poll: the sleep is
@@ -261,7 +212,9 @@ async fn run(rounds: usize, poll: Duration) -> Result<Value> {
         let img = vm.dir().join(format!("b{round}.img"));
         std::fs::File::create(&img)?.set_len(8 << 20)?;
         vm.vm.disconnect().await;
-        let mut q = Bare::connect(&vm.qmp_socket).await.context("bare client")?;
+        let mut q = BareQmp::connect(&vm.qmp_socket)
+            .await
+            .context("bare client")?;
         let poller = start_poller(&conn, &format!("b{round}"), &serial, poll).await?;
         let t0 = Instant::now();
         q.cmd(

@@ -13,70 +13,20 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use serde_json::json;
 
 use capsule_devmgr::backend::{DeviceBackend, UnplugOutcome};
 use capsule_devmgr::device::{BlockDriver, DeviceKind};
 
+use capsule_hypervisor::testkit::BareQmp;
 use common::*;
 
 const SLOT: u32 = 10;
 const T: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_millis(500);
-
-/// The smallest QMP client that does the job: no ids, no timeouts, no
-/// event routing.
-struct Bare {
-    r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    w: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Bare {
-    async fn connect(path: &Path) -> Result<Self> {
-        let (r, w) = UnixStream::connect(path).await?.into_split();
-        let mut b = Self {
-            r: BufReader::new(r),
-            w,
-        };
-        b.line().await?; // greeting
-        b.cmd("qmp_capabilities", json!({})).await?;
-        Ok(b)
-    }
-    async fn line(&mut self) -> Result<Value> {
-        let mut s = String::new();
-        if self.r.read_line(&mut s).await? == 0 {
-            bail!("QMP closed");
-        }
-        Ok(serde_json::from_str(&s)?)
-    }
-    async fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value> {
-        let msg = json!({ "execute": execute, "arguments": arguments });
-        self.w.write_all(format!("{msg}\n").as_bytes()).await?;
-        loop {
-            let v = self.line().await?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("{execute}: {e}");
-            }
-        }
-    }
-    async fn wait_deleted(&mut self, id: &str) -> Result<()> {
-        loop {
-            let v = self.line().await?;
-            if v["event"] == "DEVICE_DELETED" && v["data"]["device"] == id {
-                return Ok(());
-            }
-        }
-    }
-}
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -135,7 +85,7 @@ async fn run(rounds: usize) -> Result<()> {
                 }
             } else {
                 vm.vm.disconnect().await;
-                let mut bare = Bare::connect(&qmp_path).await.context("bare client")?;
+                let mut bare = BareQmp::connect(&qmp_path).await.context("bare client")?;
                 let node = format!("{id}-node");
                 let tag = sh.start(&guest_wait(&id)).await?;
                 let t0 = Instant::now();

@@ -253,3 +253,58 @@ impl Drop for Daemon {
         self.kill();
     }
 }
+
+/// The smallest QMP client that does the job: no ids, no timeouts, no
+/// event routing. Benchmarks measure capsule's QMP path against it.
+pub struct BareQmp {
+    r: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl BareQmp {
+    pub async fn connect(path: &Path) -> Result<Self> {
+        use serde_json::json;
+        let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
+        let mut b = Self {
+            r: tokio::io::BufReader::new(r),
+            w,
+        };
+        b.line().await?; // greeting
+        b.cmd("qmp_capabilities", json!({})).await?;
+        Ok(b)
+    }
+    pub async fn line(&mut self) -> Result<serde_json::Value> {
+        use tokio::io::AsyncBufReadExt;
+        let mut s = String::new();
+        if self.r.read_line(&mut s).await? == 0 {
+            bail!("QMP closed");
+        }
+        Ok(serde_json::from_str(&s)?)
+    }
+    pub async fn cmd(
+        &mut self,
+        execute: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        use tokio::io::AsyncWriteExt;
+        let msg = serde_json::json!({ "execute": execute, "arguments": arguments });
+        self.w.write_all(format!("{msg}\n").as_bytes()).await?;
+        loop {
+            let v = self.line().await?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("{execute}: {e}");
+            }
+        }
+    }
+    pub async fn wait_deleted(&mut self, id: &str) -> Result<()> {
+        loop {
+            let v = self.line().await?;
+            if v["event"] == "DEVICE_DELETED" && v["data"]["device"] == id {
+                return Ok(());
+            }
+        }
+    }
+}
