@@ -33,6 +33,13 @@ pub struct VmDevices {
     pub objects: Vec<String>,
 }
 
+/// The names of `items`, sorted (QMP lists come in no stable order).
+pub fn sorted_names<T>(items: Vec<T>, name: impl FnMut(T) -> String) -> Vec<String> {
+    let mut names: Vec<String> = items.into_iter().map(name).collect();
+    names.sort();
+    names
+}
+
 impl VmDevices {
     /// Reads everything from QEMU.
     pub async fn query(qmp: &QmpClient) -> Result<Self, QmpError> {
@@ -48,28 +55,11 @@ impl VmDevices {
             })
             .collect();
         devices.sort_by(|a, b| a.qdev_id.cmp(&b.qdev_id));
-        let mut block_nodes: Vec<String> = qmp
-            .query_named_block_nodes()
-            .await?
-            .into_iter()
-            .map(|n| n.node_name)
-            .filter(|n| !n.starts_with('#'))
-            .collect();
-        block_nodes.sort();
-        let mut chardevs: Vec<String> = qmp
-            .query_chardev()
-            .await?
-            .into_iter()
-            .map(|c| c.label)
-            .collect();
-        chardevs.sort();
-        let mut objects: Vec<String> = qmp
-            .user_objects()
-            .await?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        objects.sort();
+        // Auto-named nodes (`#block123`) are QEMU's, not anybody's device.
+        let mut block_nodes = sorted_names(qmp.query_named_block_nodes().await?, |n| n.node_name);
+        block_nodes.retain(|n| !n.starts_with('#'));
+        let chardevs = sorted_names(qmp.query_chardev().await?, |c| c.label);
+        let objects = sorted_names(qmp.user_objects().await?, |(n, _)| n);
         Ok(Self {
             devices,
             block_nodes,

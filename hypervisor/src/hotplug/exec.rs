@@ -56,24 +56,9 @@ pub async fn hotplug(
     for step in &plan.steps {
         tracing::debug!(device = %plan.id, step = step.name(), "hotplug step");
         let res = match step {
-            Step::Blockdev { args, .. } => ctx
-                .qmp
-                .execute("blockdev-add", Some(args.clone()))
-                .await
-                .map(drop)
-                .map_err(|e| ("blockdev-add", e)),
-            Step::Object { args, .. } => ctx
-                .qmp
-                .execute("object-add", Some(args.clone()))
-                .await
-                .map(drop)
-                .map_err(|e| ("object-add", e)),
-            Step::Device { args, .. } => ctx
-                .qmp
-                .execute("device_add", Some(args.clone()))
-                .await
-                .map(drop)
-                .map_err(|e| ("device_add", e)),
+            Step::Blockdev { args, .. } => run(ctx.qmp, "blockdev-add", args).await,
+            Step::Object { args, .. } => run(ctx.qmp, "object-add", args).await,
+            Step::Device { args, .. } => run(ctx.qmp, "device_add", args).await,
             Step::VhostChardev { id, .. } => match vhost_fd.take() {
                 Some(fd) => add_vhost_chardev(ctx.qmp, plan, id, fd).await,
                 None => Err((
@@ -97,6 +82,18 @@ pub async fn hotplug(
         }
         Err((cause, e)) => Err(rollback_error(ctx, plan, &done, cause, &e).await),
     }
+}
+
+/// One QMP command of a plan step; a failure carries the command's name.
+async fn run(
+    qmp: &QmpClient,
+    command: &'static str,
+    args: &serde_json::Value,
+) -> Result<(), (&'static str, QmpError)> {
+    qmp.execute(command, Some(args.clone()))
+        .await
+        .map(drop)
+        .map_err(|e| (command, e))
 }
 
 async fn add_vhost_chardev(

@@ -15,6 +15,7 @@ use tokio::net::UnixStream;
 use capsule_devmgr::backend::AttachRequest;
 use capsule_devmgr::device::{BlockDriver, DeviceKind};
 use capsule_hypervisor::config::{AccelMode, MachineType, PmemConfig, VmConfig};
+use capsule_hypervisor::devices::sorted_names;
 use capsule_hypervisor::{QemuVm, VmBuilder};
 
 // Host resources shared with other crates' real-QEMU tests.
@@ -236,35 +237,11 @@ pub struct Snapshot {
 impl Snapshot {
     pub async fn take(vm: &QemuVm) -> Result<Self> {
         let qmp = vm.qmp().await?;
-        let mut chardevs: Vec<String> = qmp
-            .query_chardev()
-            .await?
-            .into_iter()
-            .map(|c| c.label)
-            .collect();
-        chardevs.sort();
+        let chardevs = sorted_names(qmp.query_chardev().await?, |c| c.label);
         // Every node, auto-named ones included.
-        let mut block_nodes: Vec<String> = qmp
-            .query_named_block_nodes()
-            .await?
-            .into_iter()
-            .map(|n| n.node_name)
-            .collect();
-        block_nodes.sort();
-        let mut peripheral: Vec<String> = qmp
-            .peripheral_devices()
-            .await?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        peripheral.sort();
-        let mut objects: Vec<String> = qmp
-            .user_objects()
-            .await?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        objects.sort();
+        let block_nodes = sorted_names(qmp.query_named_block_nodes().await?, |n| n.node_name);
+        let peripheral = sorted_names(qmp.peripheral_devices().await?, |(id, _)| id);
+        let objects = sorted_names(qmp.user_objects().await?, |(id, _)| id);
         Ok(Self {
             chardevs,
             block_nodes,
