@@ -11,7 +11,7 @@ GUEST_DIR  := target/guest
 BENCH_DIR  := target/bench
 FUZZ_SECS  ?= 60
 
-.PHONY: all deps build guest install test bench fuzz demo clean
+.PHONY: all deps build guest install test bench soak fuzz demo clean
 
 all: build
 
@@ -35,12 +35,17 @@ install: deps guest
 test: deps guest
 	$(CARGO) test --workspace --no-fail-fast
 
+# target/bench/report.md, report.json and SVG plots: capsule against bare
+# QEMU, runc and bare QMP, measured interleaved in one run (scripts/bench.sh).
 bench: deps guest
-	mkdir -p $(BENCH_DIR)
-	$(CARGO) bench -p capsule-devmgr --bench devmgr
-	$(CARGO) bench -p capsule-hypervisor --bench hotplug
-	$(CARGO) bench -p capsule-agent --bench roundtrip
-	$(CARGO) bench -p capsule-agent --bench device_ready
+	scripts/bench.sh
+
+# The long fault and soak suite: 200 sequential containers in one pod and
+# the full crash matrix (make test runs short versions of both).
+SOAK_CONTAINERS ?= 200
+soak: deps guest
+	CAPSULE_SOAK_CONTAINERS=$(SOAK_CONTAINERS) CAPSULE_CRASH_MATRIX=full \
+	    $(CARGO) test -p capsule-tests --test soak --test crash_matrix -- --nocapture
 
 # Bounded cargo-fuzz runs of every target (needs the nightly toolchain).
 fuzz: deps

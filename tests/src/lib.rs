@@ -318,6 +318,14 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub struct CapsuleOptions {
     pub block_device_driver: String,
     pub vhost_user_store: Option<PathBuf>,
+    /// `[timeouts]` entries (seconds) replacing the defaults below or added.
+    pub timeouts: Vec<(String, f64)>,
+    /// Environment of containerd, and so of every shim it starts (fault
+    /// points: `CAPSULE_FAULT`).
+    pub containerd_env: Vec<(String, String)>,
+    /// Use the release build of the shim and CLI (benchmarks).
+    pub release: bool,
+    pub memory_mib: u32,
 }
 
 impl Default for CapsuleOptions {
@@ -325,8 +333,43 @@ impl Default for CapsuleOptions {
         Self {
             block_device_driver: "virtio-scsi".into(),
             vhost_user_store: None,
+            timeouts: Vec::new(),
+            containerd_env: Vec::new(),
+            release: false,
+            memory_mib: 256,
         }
     }
+}
+
+/// The shim and CLI of `profile` ("debug" or "release"), built once per
+/// process.
+pub fn shim_binaries(release: bool) -> Result<(PathBuf, PathBuf)> {
+    static RELEASE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    if !release {
+        let r = require_ready();
+        return Ok((r.shim.clone(), r.capsule.clone()));
+    }
+    RELEASE
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let st = Command::new(cargo)
+                .current_dir(workspace_root())
+                .args(["build", "--release", "-p", "capsule-shim", "--bins"])
+                .status()
+                .map_err(|e| format!("running cargo build --release: {e}"))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err("cargo build --release -p capsule-shim --bins failed".into())
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))?;
+    let bin = target_dir().join("release");
+    Ok((
+        bin.join("containerd-shim-capsule-v2"),
+        bin.join("capsule"),
+    ))
 }
 
 /// A private containerd with the capsule runtime and the test image.
@@ -335,6 +378,10 @@ pub struct Env {
     pub sock: PathBuf,
     pub state_dir: PathBuf,
     pub config_path: PathBuf,
+    /// The shim binary containerd runs, and the `capsule` CLI.
+    pub shim: PathBuf,
+    pub capsule_cli: PathBuf,
+    containerd_env: Vec<(String, String)>,
     containerd: Option<Child>,
     loops: Vec<String>,
     pub ready: &'static Ready,
@@ -354,7 +401,8 @@ impl Env {
         let d = dir.path();
         let bin = d.join("bin");
         std::fs::create_dir_all(&bin)?;
-        std::os::unix::fs::symlink(&ready.shim, bin.join("containerd-shim-capsule-v2"))?;
+        let (shim, capsule_cli) = shim_binaries(opts.release)?;
+        std::os::unix::fs::symlink(&shim, bin.join("containerd-shim-capsule-v2"))?;
         let sock = d.join("containerd.sock");
         let state_dir = d.join("run");
         let config_path = d.join("capsule.toml");
@@ -362,6 +410,9 @@ impl Env {
             sock,
             state_dir,
             config_path,
+            shim,
+            capsule_cli,
+            containerd_env: opts.containerd_env.clone(),
             containerd: None,
             loops: Vec::new(),
             ready,
@@ -405,6 +456,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             ),
             None => String::new(),
         };
+        let mut timeouts: Vec<(String, f64)> = vec![
+            ("agent_connect".into(), 180.0),
+            ("agent_call".into(), 60.0),
+        ];
+        for (k, v) in &opts.timeouts {
+            timeouts.retain(|(d, _)| d != k);
+            timeouts.push((k.clone(), *v));
+        }
+        let timeouts: String = timeouts
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}\n"))
+            .collect();
         let text = format!(
             r#"state_dir = "{state}"
 log_level = "debug"
@@ -414,15 +477,14 @@ block_device_driver = "{driver}"
 kernel = "{kernel}"
 initramfs = "{initramfs}"
 accel = "tcg"
-memory_mib = 256
+memory_mib = {memory}
 
 [virtiofsd]
 path = "{virtiofsd}"
 
 [timeouts]
-agent_connect = 180
-agent_call = 60
-"#,
+{timeouts}"#,
+            memory = opts.memory_mib,
             state = self.state_dir.display(),
             driver = opts.block_device_driver,
             kernel = self.ready.kernel.display(),
@@ -544,6 +606,7 @@ agent_call = 60
             .arg(d.join("containerd.toml"))
             .env("PATH", path)
             .env("CAPSULE_CONFIG", &self.config_path)
+            .envs(self.containerd_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -661,7 +724,7 @@ agent_call = 60
 
     /// `capsule --config <ours> ARGS`.
     pub fn capsule(&self, args: &[&str]) -> Result<Output> {
-        let mut c = Command::new(&self.ready.capsule);
+        let mut c = Command::new(&self.capsule_cli);
         c.arg("--config").arg(&self.config_path).args(args);
         run_with_timeout(c, Duration::from_secs(120))
     }
