@@ -326,6 +326,9 @@ impl std::fmt::Debug for DeviceManager {
 impl DeviceManager {
     /// A manager for a new sandbox. Refuses a store that already holds state
     /// (use [`DeviceManager::load`]) and writes the empty state at once.
+    /// A stored state that is exactly the empty one is what an interrupted
+    /// `new` leaves (its directory fsync failed after the rename): it holds
+    /// nothing to lose, so a retry takes it over.
     pub fn new(
         config: ManagerConfig,
         backend: Arc<dyn DeviceBackend>,
@@ -334,12 +337,15 @@ impl DeviceManager {
         check_config(&config)?;
         let mut store: Box<dyn StateStore> = Box::new(store);
         let location = store.location();
+        let state = SandboxState::new(&config);
         match store.load() {
             Ok(None) => {}
+            Ok(Some(bytes)) if state::decode(&bytes, &config).ok().as_ref() == Some(&state) => {
+                tracing::info!(%location, "taking over the empty device state of an interrupted start");
+            }
             Ok(Some(_)) => return Err(ManagerError::StateExists { location }),
             Err(source) => return Err(ManagerError::Load { location, source }),
         }
-        let state = SandboxState::new(&config);
         store
             .save(&state)
             .map_err(|source| ManagerError::Persist { location, source })?;

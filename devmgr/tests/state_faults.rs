@@ -401,8 +401,9 @@ async fn a_disk_that_stays_broken_fails_every_operation_and_loses_nothing() {
 
 /// The first save of a new manager failing: the manager is not created and
 /// the error names the file and the errno. Only after a failed directory
-/// fsync is the (empty) state file in place; it loads, so a retried
-/// `DeviceManager::new` is refused with `StateExists` and `load` is the way on.
+/// fsync is the (empty) state file in place; it loads, and a retried
+/// `DeviceManager::new` takes it over (it records nothing), while a state
+/// with a device in it is refused with `StateExists`.
 #[test]
 fn a_new_sandbox_whose_first_write_fails_is_not_created() {
     for (step, errno) in FAULTS {
@@ -430,8 +431,13 @@ fn a_new_sandbox_whose_first_write_fails_is_not_created() {
                 assert!(m.is_empty());
                 drop(m);
                 let store = FileStore::open(dir.path()).unwrap();
-                let again = DeviceManager::new(config(), Arc::new(RecordingBackend::new()), store);
-                assert!(matches!(again, Err(ManagerError::StateExists { .. })));
+                let again =
+                    DeviceManager::new(config(), Arc::new(RecordingBackend::new()), store).unwrap();
+                again.new_device(devices::block(0)).unwrap();
+                drop(again);
+                let store = FileStore::open(dir.path()).unwrap();
+                let third = DeviceManager::new(config(), Arc::new(RecordingBackend::new()), store);
+                assert!(matches!(third, Err(ManagerError::StateExists { .. })));
             }
             Err(e) => panic!("{step:?}: {e}"),
         }

@@ -241,6 +241,13 @@ async fn inconsistent_files_are_refused() {
         ("not strictly ascending", Box::new(|v| v["allocators"]["block"]["held"] = json!([1, 0, 2]))),
         ("expected dev<N>", Box::new(|v| v["devices"][0]["id"] = json!("dev00"))),
         ("PCI path", Box::new(|v| v["devices"][2]["guest_address"]["address"][0] = json!("zz"))),
+        ("host path dev/sda is not an absolute normalised path", Box::new(|v| v["devices"][0]["host_path"] = json!("dev/sda"))),
+        ("host path /dev/../etc/x is not an absolute normalised path", Box::new(|v| v["devices"][0]["host_path"] = json!("/dev/../etc/x"))),
+        ("container path xvd0 is not an absolute", Box::new(|v| v["devices"][0]["uses"][0]["container_path"] = json!("xvd0"))),
+        ("socket sock is not an absolute", Box::new(|v| v["devices"][3]["kind"]["socket"] = json!("sock"))),
+        ("cgroup access \"rxw\" of /dev/xvd0 is not a canonical subset", Box::new(|v| v["devices"][0]["uses"][0]["cgroup_access"] = json!("rxw"))),
+        ("cgroup access \"wr\"", Box::new(|v| v["devices"][0]["uses"][0]["cgroup_access"] = json!("wr"))),
+        ("VFIO group name \"../7\" is not valid", Box::new(|v| v["devices"][2]["kind"]["group"] = json!("../7"))),
     ];
     for (want, edit) in cases {
         assert_refused(&edited(&v, edit), want);

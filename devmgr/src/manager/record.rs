@@ -317,8 +317,72 @@ impl DeviceRecord {
         if plan.scsi && self.scsi_addr().is_none() && r.block_index.is_some() {
             return Err("block index has no SCSI address".into());
         }
+        self.check_names()
+    }
+
+    /// What translation and resolution guarantee of names and paths, so a
+    /// damaged file is refused instead of reaching QEMU or the agent:
+    /// absolute normal paths, well-formed VFIO names, canonical access.
+    fn check_names(&self) -> Result<(), String> {
+        absolute("host path", &self.host_path)?;
+        match &self.kind {
+            DeviceKind::VhostUser { socket, .. } => absolute("socket", socket)?,
+            DeviceKind::Vfio(g) => check_vfio_names(g)?,
+            _ => {}
+        }
+        for info in self.uses.iter().flatten() {
+            absolute("container path", &info.container_path)?;
+            let canonical: String = "rwm"
+                .chars()
+                .filter(|c| info.cgroup_access.contains(*c))
+                .collect();
+            if canonical != info.cgroup_access {
+                return Err(format!(
+                    "cgroup access {:?} of {} is not a canonical subset of \"rwm\"",
+                    info.cgroup_access,
+                    info.container_path.display()
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+fn absolute(what: &str, p: &Path) -> Result<(), String> {
+    use std::path::Component;
+    let normal = p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if normal {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {} is not an absolute normalised path",
+            p.display()
+        ))
+    }
+}
+
+fn check_vfio_names(g: &crate::device::VfioGroup) -> Result<(), String> {
+    use crate::device::{VfioFunction, VfioMode};
+    let ok = match g.mode {
+        VfioMode::Legacy => crate::vfio::is_group_name(&g.group),
+        VfioMode::Iommufd => crate::vfio::is_cdev_name(&g.group),
+    };
+    if !ok {
+        return Err(format!(
+            "VFIO group name {:?} is not valid for {:?} mode",
+            g.group, g.mode
+        ));
+    }
+    for f in &g.functions {
+        if let VfioFunction::Mediated { uuid, .. } = f {
+            if !crate::vfio::is_mdev_uuid(uuid) {
+                return Err(format!("mediated device {uuid:?} is not named by a UUID"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn describe_resources(r: &Resources) -> String {
