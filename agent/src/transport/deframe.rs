@@ -102,15 +102,18 @@ impl Deframer {
                     }
                 }
                 State::Nonce { buf } => {
+                    if !b.is_ascii_hexdigit() {
+                        // Checked per byte: a HELLO cut short by the next
+                        // client's HELLO must not swallow that one's start.
+                        self.garbage("HELLO nonce is not hex", &mut data, &mut out);
+                        // Re-examine this byte as a possible HELLO start.
+                        continue;
+                    }
                     buf.push(b);
                     i += 1;
                     if buf.len() == NONCE_LEN {
                         let mut nonce = [0u8; NONCE_LEN];
                         nonce.copy_from_slice(buf);
-                        if !nonce.iter().all(u8::is_ascii_hexdigit) {
-                            self.garbage("HELLO nonce is not hex", &mut data, &mut out);
-                            continue;
-                        }
                         self.state = State::Session { escape: false };
                         if self.nonce != Some(nonce) {
                             flush(&mut data, &mut out);
@@ -183,6 +186,30 @@ mod tests {
         let mut v = Vec::new();
         escape_into(data, &mut v);
         v
+    }
+
+    #[test]
+    fn a_hello_cut_short_does_not_swallow_the_next_one() {
+        for cut in 0..N1.len() {
+            let mut input = HELLO_MAGIC.to_vec();
+            input.extend_from_slice(&N1[..cut]);
+            input.extend(hello(N2));
+            input.extend(esc(b"payload"));
+            for chunk in [1, 3, input.len()] {
+                let mut d = Deframer::new();
+                let events = run(&mut d, &input, chunk);
+                let sessions: Vec<&Event> = events
+                    .iter()
+                    .filter(|e| matches!(e, Event::Session(_)))
+                    .collect();
+                assert_eq!(sessions, [&Event::Session(*N2)], "cut {cut}: {events:?}");
+                assert_eq!(
+                    events.last(),
+                    Some(&Event::Data(b"payload".to_vec())),
+                    "cut {cut}"
+                );
+            }
+        }
     }
 
     /// Feeds in chunks of `chunk` bytes and merges adjacent Data events.
