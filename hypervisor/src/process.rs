@@ -178,6 +178,7 @@ impl VmProcess {
             .ok();
         let start_time = proc_start_time(pid).unwrap_or(0);
         let (tx, rx) = watch::channel(None);
+        let program = program.display().to_string();
         // The one and only reaper.
         tokio::spawn(async move {
             let info = match child.wait().await {
@@ -189,14 +190,14 @@ impl VmProcess {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(pid, error = %e, "waiting for QEMU failed");
+                    tracing::error!(pid, %program, error = %e, "waiting for the process failed");
                     ExitInfo {
                         code: None,
                         signal: None,
                     }
                 }
             };
-            tracing::info!(pid, %info, "QEMU exited");
+            tracing::info!(pid, %program, %info, "process exited");
             tx.send_replace(Some(info));
         });
         Ok(Self {

@@ -10,7 +10,8 @@
 //!   mounts; [`state`]: persisted state; [`cleanup`]: teardown from any
 //!   state; [`config`]: the TOML configuration; [`logging`]: logrus-format
 //!   log lines for containerd; [`admin`]: the admin query endpoint;
-//!   [`cli`]: the `capsule` command.
+//!   [`cli`]: the `capsule` command; [`fault`]: fault points for the crash
+//!   matrix (debug builds).
 pub mod admin;
 pub mod bootstrap;
 pub mod cleanup;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod io;
 pub mod logging;
 pub mod mount;

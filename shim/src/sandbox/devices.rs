@@ -6,6 +6,7 @@ use capsule_devmgr::{oci, DetachOutcome, DeviceId, DeviceInfo, DeviceManager, Re
 use super::convert::agent_device;
 use super::AttachedDevice;
 use crate::error::{Error, Result};
+use crate::fault;
 
 /// An attach failure, named by the container's request.
 fn attach_error(info: &DeviceInfo, e: capsule_devmgr::ManagerError) -> Error {
@@ -63,6 +64,7 @@ async fn attach_one(
 ) -> Result<AttachedDevice> {
     let host = resolver.resolve(info).map_err(user_error)?;
     let id = mgr.new_device(host).map_err(user_error)?;
+    fault::point("attach.device-recorded");
     let undo_ref = |e: Error| async move {
         match mgr.remove_use(&id, Some(info)).await {
             Ok(_) => e,
@@ -115,7 +117,8 @@ async fn detach_one(mgr: &DeviceManager, d: &AttachedDevice) -> Result<()> {
         return Ok(());
     }
     match mgr.detach(&id).await {
-        Ok(DetachOutcome::Detached) | Ok(DetachOutcome::StillAttached { .. }) => {}
+        Ok(DetachOutcome::Detached) => fault::point("detach.unplugged"),
+        Ok(DetachOutcome::StillAttached { .. }) => {}
         Ok(DetachOutcome::Pending) => {
             return Err(Error::internal(format!(
                 "device {} ({}): the guest has not released it yet (unplug pending)",

@@ -33,6 +33,8 @@ use crate::config::{AgentTransport, Config};
 use crate::error::{Error, Result};
 use crate::state::{self, ManagerRecord, ProcRef, SandboxPaths, VmRecord};
 
+mod faults;
+
 /// Kernel parameters always passed (before `kernel_params`).
 pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
 
@@ -217,7 +219,7 @@ async fn start(
     .map_err(|e| e.context("capsule: starting virtiofsd"))?;
 
     let backend = Arc::new(VmSlot::new(vm_config.clone())?);
-    let mgr = DeviceManager::new(mgr_config, backend.clone(), store)?;
+    let mgr = DeviceManager::new(mgr_config, crate::fault::wrap(backend.clone()), store)?;
     let share = mgr.new_device(HostDevice {
         info: None,
         host_path: paths.shared_dir(),
@@ -236,19 +238,31 @@ async fn start(
         .await
         .map_err(|e| Error::from(e).context("capsule: starting the VM"))?;
     recorder.update(|r| r.qemu = Some(vm.description().clone()))?;
+    crate::fault::point("boot.vm-started");
 
+    // From here on, QEMU or virtiofsd exiting fails Create at once.
+    let exits = faults::Exits {
+        qemu: (vm.pid(), vm.exit_watch()),
+        virtiofsd: (virtiofsd.pid(), virtiofsd.exit_watch()),
+    };
+    let console = vm.description().console_log.clone();
     let t = &config.timeouts;
     let opts = ConnOptions {
         connect_timeout: t.agent_connect(),
         call_timeout: t.agent_call(),
     };
-    let agent = AgentConn::wait_ready(&vm.description().agent_socket, opts, t.agent_connect())
-        .await
-        .map_err(|e| {
-            Error::from(e)
-                .context("capsule: the guest agent did not come up")
-                .note(console_tail(&vm.description().console_log))
-        })?;
+    let ready = async {
+        AgentConn::wait_ready(&vm.description().agent_socket, opts, t.agent_connect())
+            .await
+            .map_err(|e| {
+                Error::from(e)
+                    .context("capsule: the guest agent did not come up")
+                    .note(console_tail(&console))
+            })
+    };
+    let agent = exits
+        .race("waiting for the guest agent", &console, ready)
+        .await?;
     let mut req = agent::CreateSandboxRequest::new();
     req.sandbox_id = id.to_string();
     req.hostname = hostname.to_string();
@@ -259,26 +273,23 @@ async fn start(
         mount_point: GUEST_SHARED_DIR.into(),
         ..Default::default()
     });
-    agent
-        .create_sandbox(&req)
-        .await
-        .map_err(|e| Error::from(e).context("capsule: setting up the sandbox in the guest"))?;
+    let setup = async {
+        agent
+            .create_sandbox(&req)
+            .await
+            .map_err(|e| Error::from(e).context("capsule: setting up the sandbox in the guest"))
+    };
+    exits
+        .race("setting up the sandbox in the guest", &console, setup)
+        .await?;
 
-    let exit = vm.exit_watch();
-    let sandbox_id = id.to_string();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stopping2 = stopping.clone();
-    tokio::spawn(async move {
-        let mut exit = exit;
-        let info = exit.wait_for(|e| e.is_some()).await.ok().and_then(|v| *v);
-        if let Some(info) = info {
-            if stopping2.load(std::sync::atomic::Ordering::SeqCst) {
-                tracing::info!(sandbox = %sandbox_id, exit = %info, "the sandbox VM stopped");
-            } else {
-                tracing::error!(sandbox = %sandbox_id, exit = %info, "the sandbox VM exited unexpectedly; its containers are lost");
-            }
-        }
-    });
+    tokio::spawn(faults::watch(
+        id.to_string(),
+        vm.clone(),
+        exits,
+        stopping.clone(),
+    ));
     tracing::info!(sandbox = %id, pid = vm.pid(), "sandbox ready");
     Ok(QemuSandbox {
         id: id.to_string(),

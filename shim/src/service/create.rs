@@ -20,6 +20,7 @@ use crate::cleanup::{self, KillTiming, RealProcesses};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::TaskEvent;
+use crate::fault;
 use crate::io::{HostIo, IoContext, StdioConfig};
 use crate::mount::RootfsMount;
 use crate::sandbox::{share, AttachedDevice, ContainerRequest, Sandbox};
@@ -155,6 +156,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         }
         return Err(e);
     }
+    fault::point("create.recorded");
 
     let rootfs_mounts: Vec<RootfsMount> = req
         .rootfs
@@ -184,6 +186,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
                     .create(&sandbox_id, &config, &hostname, &inner.shim_address)
                     .await?;
                 started = Some(sb.clone());
+                fault::point("create.sandbox-started");
                 sb
             }
         };
@@ -192,6 +195,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         rec.rootfs_mounted = shared.rootfs_mounted;
         rec.share_mounts = shared.share_mounts.clone();
         store.put(&rec)?;
+        fault::point("create.rootfs-shared");
 
         let devices = sb.attach_devices(&id, &creq.spec).await?;
         undo.push(Undo::Devices(sb.clone(), id.clone(), devices.clone()));
@@ -203,6 +207,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
             })
             .collect();
         store.put(&rec)?;
+        fault::point("create.devices-attached");
 
         let areq = agent::CreateContainerRequest {
             container_id: id.clone(),
@@ -218,6 +223,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         undo.push(Undo::Container(sb.clone(), id.clone()));
         rec.status = ContainerStatus::Created;
         store.put(&rec)?;
+        fault::point("create.container-created");
         Ok::<_, Error>((sb, devices))
     }
     .await;
@@ -304,6 +310,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
             ..Default::default()
         }))
         .await;
+    fault::point("create.before-reply");
     Ok(api::CreateTaskResponse {
         pid,
         ..Default::default()

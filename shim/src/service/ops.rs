@@ -17,6 +17,7 @@ use super::Inner;
 use crate::cleanup::{self, KillTiming, RealProcesses};
 use crate::error::{Error, Result};
 use crate::events::{EventSink, TaskEvent};
+use crate::fault;
 use crate::io::{HostIo, IoContext, StdioConfig};
 use crate::sandbox::ExitStatus;
 use crate::state::ContainerStatus;
@@ -105,8 +106,12 @@ pub async fn start(inner: &Inner, req: api::StartRequest) -> Result<api::StartRe
     });
     let guest_pid = if p.exec_id.is_empty() {
         p.start_io(streams);
+        fault::point("start.before-agent");
         match c.sandbox.start_container(&c.id).await {
-            Ok(pid) => pid,
+            Ok(pid) => {
+                fault::point("start.after-agent");
+                pid
+            }
             Err(e) => {
                 // The guest init may have died trying (exec failed): its
                 // exit makes the task stopped, as containerd expects.
@@ -115,6 +120,7 @@ pub async fn start(inner: &Inner, req: api::StartRequest) -> Result<api::StartRe
             }
         }
     } else {
+        fault::point("exec.before-agent");
         let pid = c
             .sandbox
             .exec_process(
@@ -124,6 +130,7 @@ pub async fn start(inner: &Inner, req: api::StartRequest) -> Result<api::StartRe
                 p.stdio.has_stdin(),
             )
             .await?;
+        fault::point("exec.after-agent");
         p.start_io(streams);
         pid
     };
@@ -216,6 +223,7 @@ pub async fn exec(inner: &Inner, req: api::ExecProcessRequest) -> Result<Empty> 
             ..Default::default()
         }))
         .await;
+    fault::point("exec.added");
     Ok(Empty::new())
 }
 
@@ -274,9 +282,11 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
     let c = inner.container(&req.id)?;
     let p = c.init.clone();
     let before = p.check(Op::Delete).map(|_| p.status())?;
+    fault::point("delete.before-remove");
     if let Err(e) = c.sandbox.remove_container(&c.id).await {
         tracing::warn!(container = %c.id, error = %e, "removing the container in the guest failed; cleaning up the host side anyway");
     }
+    fault::point("delete.after-remove");
     if before == Status::Created {
         p.mark_exited(ExitStatus::now(128 + 9));
     }
@@ -288,6 +298,7 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
     if let Err(e) = c.sandbox.detach_devices(&c.id, &c.devices).await {
         trouble.push(e.message);
     }
+    fault::point("delete.devices-detached");
     if let Err(e) = c.sandbox.release_rootfs(&c.id, &c.bundle).await {
         trouble.push(e.message);
     }
@@ -311,6 +322,7 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
             ..Default::default()
         }))
         .await;
+    fault::point("delete.before-reply");
     Ok(resp)
 }
 
@@ -456,9 +468,11 @@ pub async fn shutdown(inner: &Inner, _req: api::ShutdownRequest) -> Result<Empty
         return Ok(Empty::new());
     }
     if let Some(active) = lifecycle.take() {
+        fault::point("shutdown.before-stop");
         if let Err(e) = active.sandbox.shutdown().await {
             tracing::error!(sandbox = %active.id, error = %e, "stopping the sandbox");
         }
+        fault::point("shutdown.after-stop");
         let report =
             cleanup::teardown(&active.paths, &[], &RealProcesses, KillTiming::default()).await;
         if !report.is_clean() {
