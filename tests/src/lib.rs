@@ -366,10 +366,7 @@ pub fn shim_binaries(release: bool) -> Result<(PathBuf, PathBuf)> {
         .clone()
         .map_err(|e| anyhow!(e))?;
     let bin = target_dir().join("release");
-    Ok((
-        bin.join("containerd-shim-capsule-v2"),
-        bin.join("capsule"),
-    ))
+    Ok((bin.join("containerd-shim-capsule-v2"), bin.join("capsule")))
 }
 
 /// A private containerd with the capsule runtime and the test image.
@@ -456,10 +453,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             ),
             None => String::new(),
         };
-        let mut timeouts: Vec<(String, f64)> = vec![
-            ("agent_connect".into(), 180.0),
-            ("agent_call".into(), 60.0),
-        ];
+        let mut timeouts: Vec<(String, f64)> =
+            vec![("agent_connect".into(), 180.0), ("agent_call".into(), 60.0)];
         for (k, v) in &opts.timeouts {
             timeouts.retain(|(d, _)| d != k);
             timeouts.push((k.clone(), *v));
