@@ -215,6 +215,103 @@ pub fn log_filter() -> String {
         .unwrap_or_else(|| "info".to_string())
 }
 
+/// Benchmark modes, chosen with `capsule.bench=` on the kernel command line
+/// and entered after the agent's early init (mounts, console, modules,
+/// cgroups, loopback), instead of serving the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchMode {
+    /// `ready-poweroff`: write [`BENCH_READY`] to the console and power off
+    /// (the bare-QEMU boot baseline).
+    ReadyPoweroff,
+    /// `count-disks`: write [`BENCH_READY`], then `capsule-bench: disks=N`
+    /// whenever the number of disks changes (the bare hotplug baseline).
+    CountDisks,
+}
+
+/// The console line a benchmark mode writes once early init is done.
+pub const BENCH_READY: &str = "capsule-bench: ready";
+
+/// The benchmark mode named on a kernel command line, if any.
+pub fn parse_bench_mode(cmdline: &str) -> Option<BenchMode> {
+    match cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("capsule.bench="))?
+    {
+        "ready-poweroff" => Some(BenchMode::ReadyPoweroff),
+        "count-disks" => Some(BenchMode::CountDisks),
+        other => {
+            console(&format!(
+                "capsule-agent: unknown capsule.bench={other}; ignored"
+            ));
+            None
+        }
+    }
+}
+
+/// The benchmark mode of this boot (`/proc/cmdline`).
+pub fn bench_mode() -> Option<BenchMode> {
+    parse_bench_mode(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
+}
+
+/// Runs a benchmark mode; never returns.
+pub fn run_bench(mode: BenchMode) -> ! {
+    console(BENCH_READY);
+    match mode {
+        BenchMode::ReadyPoweroff => {
+            // SAFETY: sync(2) and reboot(2) take no pointers.
+            let r = unsafe {
+                libc::sync();
+                libc::reboot(libc::RB_POWER_OFF)
+            };
+            fatal(&format!("power off failed ({r}): {}", Errno::last()))
+        }
+        BenchMode::CountDisks => count_disks(),
+    }
+}
+
+/// Disks the guest can use: `/sys/block` entries backed by a device whose
+/// `/dev` node exists.
+pub fn disk_count(sysfs: &Path, dev: &Path) -> usize {
+    let Ok(d) = std::fs::read_dir(sysfs.join("block")) else {
+        return 0;
+    };
+    d.flatten()
+        .filter(|e| e.path().join("device").exists() && dev.join(e.file_name()).exists())
+        .count()
+}
+
+/// Prints the disk count on every change, woken by kernel uevents (and
+/// every 10 ms, in case netlink drops some).
+fn count_disks() -> ! {
+    let sock = crate::device::uevent::open_socket().ok();
+    let mut last = None;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = disk_count(Path::new("/sys"), Path::new("/dev"));
+        if last != Some(n) {
+            console(&format!("capsule-bench: disks={n}"));
+            last = Some(n);
+        }
+        match &sock {
+            Some(fd) => {
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(fd),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8));
+                while nix::sys::socket::recv(
+                    fd.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                )
+                .is_ok_and(|n| n > 0)
+                {}
+            }
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +327,16 @@ mod tests {
             "kernel/net/vmw_vsock/vmw-vsock-virtio-transport.ko.xz"
         );
         assert_eq!(m.len(), 4);
+    }
+
+    #[test]
+    fn bench_modes() {
+        let m = |c: &str| parse_bench_mode(c);
+        assert_eq!(
+            m("console=ttyS0 capsule.bench=ready-poweroff quiet"),
+            Some(BenchMode::ReadyPoweroff)
+        );
+        assert_eq!(m("capsule.bench=count-disks"), Some(BenchMode::CountDisks));
+        assert_eq!(m("console=ttyS0 panic=-1 quiet"), None);
     }
 }

@@ -66,6 +66,10 @@ pub fn run_agent() -> ! {
         init::load_modules();
         init::setup_cgroups();
         init::loopback_up();
+        // `capsule.bench=`: the benchmarks' bare-QEMU baselines (no serving).
+        if let Some(mode) = init::bench_mode() {
+            init::run_bench(mode);
+        }
     }
     let opts = ServeOptions {
         listen: std::env::var("CAPSULE_AGENT_LISTEN")
