@@ -2,8 +2,6 @@
 //! remove the backends. A device the guest has not released in time is
 //! reported [`UnplugOutcome::Pending`] and keeps its backends; calling
 //! unplug again re-issues `device_del` and waits again.
-use std::collections::HashSet;
-
 use capsule_devmgr::backend::{BackendError, BackendErrorKind, UnplugOutcome};
 
 use super::exec::{remove_backend, request_delete, ExecContext};
@@ -47,56 +45,29 @@ pub async fn unplug(
     Ok(UnplugOutcome::Removed)
 }
 
-/// Removes the backends of `plan` that still exist, newest first.
+/// Removes the backends of `plan` that still exist, newest first. Each is
+/// removed straight away; only when QEMU refuses is its list queried, to
+/// tell a backend already gone (a repeated unplug after a crash) from a
+/// real failure. So the common path costs one command per backend, however
+/// many devices the VM has.
 async fn remove_backends(ctx: &ExecContext<'_>, plan: &DevicePlan) -> Result<(), BackendError> {
-    let wrap = |what: &str, e: QmpError| qmp_error(&plan.id, what, &e);
-    let has = |f: fn(&Step) -> bool| plan.steps.iter().any(f);
-    let nodes: HashSet<String> = if has(|s| matches!(s, Step::Blockdev { .. })) {
-        ctx.qmp
-            .query_named_block_nodes()
-            .await
-            .map_err(|e| wrap("query-named-block-nodes", e))?
-            .into_iter()
-            .map(|n| n.node_name)
-            .collect()
-    } else {
-        HashSet::new()
-    };
-    let chardevs: HashSet<String> = if has(|s| matches!(s, Step::VhostChardev { .. })) {
-        ctx.qmp
-            .query_chardev()
-            .await
-            .map_err(|e| wrap("query-chardev", e))?
-            .into_iter()
-            .map(|c| c.label)
-            .collect()
-    } else {
-        HashSet::new()
-    };
-    let objects: HashSet<String> = if has(|s| matches!(s, Step::Object { .. })) {
-        ctx.qmp
-            .user_objects()
-            .await
-            .map_err(|e| wrap("qom-list /objects", e))?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect()
-    } else {
-        HashSet::new()
-    };
     let mut errors = Vec::new();
     for step in plan.steps.iter().rev() {
-        let present = match step {
-            Step::Device { .. } => false,
-            Step::Blockdev { node, .. } => nodes.contains(node),
-            Step::VhostChardev { id, .. } => chardevs.contains(id),
-            Step::Object { id, .. } => objects.contains(id),
-        };
-        if !present {
+        if matches!(step, Step::Device { .. }) {
             continue;
         }
-        if let Err(e) = remove_backend(ctx.qmp, step).await {
-            errors.push(format!("removing {}: {e}", step.name()));
+        let Err(e) = remove_backend(ctx.qmp, step).await else {
+            continue;
+        };
+        match backend_present(ctx, step).await {
+            Ok(false) => {
+                tracing::debug!(device = %plan.id, backend = %step.name(), "backend already gone");
+            }
+            Ok(true) => errors.push(format!("removing {}: {e}", step.name())),
+            Err(q) => errors.push(format!(
+                "removing {}: {e} (and checking whether it exists: {q})",
+                step.name()
+            )),
         }
     }
     if errors.is_empty() {
@@ -111,4 +82,24 @@ async fn remove_backends(ctx: &ExecContext<'_>, plan: &DevicePlan) -> Result<(),
             ),
         ))
     }
+}
+
+/// Whether the backend of `step` exists in QEMU.
+async fn backend_present(ctx: &ExecContext<'_>, step: &Step) -> Result<bool, QmpError> {
+    Ok(match step {
+        Step::Device { .. } => false,
+        Step::Blockdev { node, .. } => ctx
+            .qmp
+            .query_named_block_nodes()
+            .await?
+            .iter()
+            .any(|n| &n.node_name == node),
+        Step::VhostChardev { id, .. } => ctx
+            .qmp
+            .query_chardev()
+            .await?
+            .iter()
+            .any(|c| &c.label == id),
+        Step::Object { id, .. } => ctx.qmp.user_objects().await?.iter().any(|(n, _)| n == id),
+    })
 }
