@@ -26,11 +26,12 @@ build: deps
 guest: deps
 	agent/build-static.sh
 
-# /usr/local/bin/{containerd-shim-capsule-v2,capsule}, the guest in
+# /usr/local/bin/{containerd-shim-capsule-v2,capsule} (static, size-optimised:
+# shim/build-dist.sh), the guest in
 # /usr/local/share/capsule/, a default /etc/capsule/configuration.toml.
 install: deps guest
-	$(CARGO) build --release -p capsule-shim --bins
-	shim/install.sh
+	shim/build-dist.sh
+	shim/install.sh --profile dist
 
 test: deps guest
 	$(CARGO) test --workspace --no-fail-fast

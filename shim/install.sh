@@ -4,15 +4,16 @@
 #   /usr/local/share/capsule/{vmlinuz,initramfs.img}   (the guest)
 #   /etc/capsule/configuration.toml                     (not overwritten)
 #
-#   shim/install.sh [--profile release|debug] [--prefix /usr/local] [--destdir DIR]
+#   shim/install.sh [--profile dist|release|debug] [--prefix /usr/local] [--destdir DIR]
 #
-# Needs the binaries built (cargo build [--release] -p capsule-shim) and the
+# Needs the binaries built (shim/build-dist.sh for `dist`, what `make
+# install` ships; or cargo build [--release] -p capsule-shim) and the
 # guest image (agent/build-static.sh → target/guest/{vmlinuz,initramfs.img}).
 # containerd finds the shim for runtime io.containerd.capsule.v2 on its PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-profile=release
+profile=dist
 prefix=/usr/local
 destdir=
 while [ $# -gt 0 ]; do
@@ -26,12 +27,16 @@ while [ $# -gt 0 ]; do
 done
 
 target=${CARGO_TARGET_DIR:-target}
+bins=$target/$profile
+if [ "$profile" = dist ]; then
+    bins=$target/dist/x86_64-unknown-linux-gnu/dist
+fi
 bindir=$destdir$prefix/bin
 sharedir=$destdir$prefix/share/capsule
 confdir=$destdir/etc/capsule
 
 missing=0
-for f in "$target/$profile/containerd-shim-capsule-v2" "$target/$profile/capsule" \
+for f in "$bins/containerd-shim-capsule-v2" "$bins/capsule" \
          "$target/guest/vmlinuz" "$target/guest/initramfs.img"; do
     if [ ! -f "$f" ]; then
         echo "install.sh: $f is missing" >&2
@@ -39,13 +44,13 @@ for f in "$target/$profile/containerd-shim-capsule-v2" "$target/$profile/capsule
     fi
 done
 if [ "$missing" = 1 ]; then
-    echo "install.sh: build first: cargo build --release -p capsule-shim (or use --profile debug after a debug build), then agent/build-static.sh" >&2
+    echo "install.sh: build first: shim/build-dist.sh (or cargo build [--release] -p capsule-shim with --profile release|debug), then agent/build-static.sh" >&2
     exit 1
 fi
 
 install -d -m 0755 "$bindir" "$sharedir" "$confdir"
-install -m 0755 "$target/$profile/containerd-shim-capsule-v2" "$bindir/"
-install -m 0755 "$target/$profile/capsule" "$bindir/"
+install -m 0755 "$bins/containerd-shim-capsule-v2" "$bindir/"
+install -m 0755 "$bins/capsule" "$bindir/"
 install -m 0644 "$target/guest/vmlinuz" "$sharedir/vmlinuz"
 install -m 0644 "$target/guest/initramfs.img" "$sharedir/initramfs.img"
 if [ -e "$confdir/configuration.toml" ]; then

@@ -323,7 +323,8 @@ pub struct CapsuleOptions {
     /// Environment of containerd, and so of every shim it starts (fault
     /// points: `CAPSULE_FAULT`).
     pub containerd_env: Vec<(String, String)>,
-    /// Use the release build of the shim and CLI (benchmarks).
+    /// Use the shipped build of the shim and CLI (`shim/build-dist.sh`;
+    /// benchmarks).
     pub release: bool,
     pub memory_mib: u32,
 }
@@ -341,32 +342,30 @@ impl Default for CapsuleOptions {
     }
 }
 
-/// The shim and CLI of `profile` ("debug" or "release"), built once per
+/// The shim and CLI: the debug build, or (`release`) what `make install`
+/// ships, built by `shim/build-dist.sh` (static, size-optimised), once per
 /// process.
 pub fn shim_binaries(release: bool) -> Result<(PathBuf, PathBuf)> {
-    static RELEASE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    static DIST: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     if !release {
         let r = require_ready();
         return Ok((r.shim.clone(), r.capsule.clone()));
     }
-    RELEASE
+    let dir = DIST
         .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let st = Command::new(cargo)
-                .current_dir(workspace_root())
-                .args(["build", "--release", "-p", "capsule-shim", "--bins"])
-                .status()
-                .map_err(|e| format!("running cargo build --release: {e}"))?;
-            if st.success() {
-                Ok(())
-            } else {
-                Err("cargo build --release -p capsule-shim --bins failed".into())
+            let o = Command::new(workspace_root().join("shim/build-dist.sh"))
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| format!("running shim/build-dist.sh: {e}"))?;
+            if !o.status.success() {
+                return Err("shim/build-dist.sh failed".into());
             }
+            let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            Ok(workspace_root().join(out))
         })
         .clone()
         .map_err(|e| anyhow!(e))?;
-    let bin = target_dir().join("release");
-    Ok((bin.join("containerd-shim-capsule-v2"), bin.join("capsule")))
+    Ok((dir.join("containerd-shim-capsule-v2"), dir.join("capsule")))
 }
 
 /// A private containerd with the capsule runtime and the test image.
@@ -645,6 +644,21 @@ path = "{virtiofsd}"
         Ok((dev, file))
     }
 
+    /// A vhost-user store in this environment's directory
+    /// (`store/block/{devices,sockets}`) and a capsule configuration naming
+    /// it, otherwise `opts`; returns (store, config file for
+    /// `--runtime-config-path`).
+    pub fn vhost_store(&self, opts: &CapsuleOptions) -> Result<(PathBuf, PathBuf)> {
+        let store = self.dir.path().join("store");
+        std::fs::create_dir_all(store.join("block/devices"))?;
+        std::fs::create_dir_all(store.join("block/sockets"))?;
+        let cfg = self.dir.path().join("capsule-store.toml");
+        let mut o = opts.clone();
+        o.vhost_user_store = Some(store.clone());
+        self.write_capsule_config(&cfg, &o)?;
+        Ok((store, cfg))
+    }
+
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("sandboxes").join(id)
     }
@@ -843,6 +857,22 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let points = capsule_shim::mount::parse_mountinfo(&info);
     capsule_shim::mount::mounts_under(&points, dir)
+}
+
+/// A device node (`kind` S_IFBLK or S_IFCHR), mode 0600.
+pub fn mknod(path: &Path, kind: nix::sys::stat::SFlag, major: u64, minor: u64) -> Result<()> {
+    nix::sys::stat::mknod(
+        path,
+        kind,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(major, minor),
+    )
+    .with_context(|| format!("mknod {}", path.display()))
+}
+
+/// A block device node, mode 0600.
+pub fn mknod_block(path: &Path, major: u64, minor: u64) -> Result<()> {
+    mknod(path, nix::sys::stat::SFlag::S_IFBLK, major, minor)
 }
 
 /// Sends SIGKILL to `pid`.

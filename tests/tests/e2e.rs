@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use capsule_tests::{sigkill, text, wait_for, CapsuleOptions, Env};
+use capsule_tests::{mknod_block, sigkill, text, wait_for, CapsuleOptions, Env};
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -179,37 +179,11 @@ impl Drop for Daemon {
     }
 }
 
-fn mknod_block(path: &Path, major: u64, minor: u64) -> Result<()> {
-    nix::sys::stat::mknod(
-        path,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        nix::sys::stat::makedev(major, minor),
-    )
-    .with_context(|| format!("mknod {}", path.display()))
-}
-
-/// A vhost-user store in `env`'s directory; returns (store, config file).
-fn vhost_store(env: &Env) -> Result<(PathBuf, PathBuf)> {
-    let store = env.dir.path().join("store");
-    std::fs::create_dir_all(store.join("block/devices"))?;
-    std::fs::create_dir_all(store.join("block/sockets"))?;
-    let cfg = env.dir.path().join("capsule-store.toml");
-    env.write_capsule_config(
-        &cfg,
-        &CapsuleOptions {
-            vhost_user_store: Some(store.clone()),
-            ..Default::default()
-        },
-    )?;
-    Ok((store, cfg))
-}
-
 #[test]
 fn vhost_user_blk_from_the_store() -> Result<()> {
     let _s = serial();
     let env = Env::start()?;
-    let (store, cfg) = vhost_store(&env)?;
+    let (store, cfg) = env.vhost_store(&CapsuleOptions::default())?;
     let img = env.dir.path().join("vub.img");
     std::fs::File::create(&img)?.set_len(16 << 20)?;
     let sock = store.join("block/sockets/vub0");
@@ -486,7 +460,7 @@ fn spec_with_devices(env: &Env, devices: serde_json::Value) -> Result<PathBuf> {
 fn bad_devices_fail_readably_and_leave_nothing() -> Result<()> {
     let _s = serial();
     let env = Env::start()?;
-    let (store, cfg) = vhost_store(&env)?;
+    let (store, cfg) = env.vhost_store(&CapsuleOptions::default())?;
     // A vhost-user node whose backend socket is missing.
     let orphan = store.join("block/devices/vub9");
     mknod_block(&orphan, 241, 9)?;

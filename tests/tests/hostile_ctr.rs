@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use capsule_tests::{text, wait_for, CapsuleOptions, Env};
+use capsule_tests::{mknod, text, wait_for, CapsuleOptions, Env};
 use nix::sys::stat::SFlag;
 use serde_json::{json, Value};
 
@@ -30,16 +30,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 const CLEAN: Duration = Duration::from_secs(60);
 const POD: &str = "hpod";
-
-fn mknod(path: &Path, kind: nix::sys::stat::SFlag, major: u64, minor: u64) -> Result<()> {
-    nix::sys::stat::mknod(
-        path,
-        kind,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        nix::sys::stat::makedev(major, minor),
-    )
-    .with_context(|| format!("mknod {}", path.display()))
-}
 
 /// How a case reaches ctr.
 enum Input {
@@ -138,17 +128,7 @@ struct Fixture {
 /// `disk`: the loop device the pod's sandbox container holds.
 fn fixture(env: &Env, disk: &str) -> Result<Fixture> {
     let d = env.dir.path();
-    let store = d.join("store");
-    std::fs::create_dir_all(store.join("block/devices"))?;
-    std::fs::create_dir_all(store.join("block/sockets"))?;
-    let cfg = d.join("capsule-store.toml");
-    env.write_capsule_config(
-        &cfg,
-        &CapsuleOptions {
-            vhost_user_store: Some(store.clone()),
-            ..Default::default()
-        },
-    )?;
+    let (store, cfg) = env.vhost_store(&CapsuleOptions::default())?;
     let outside = d.join("outside");
     std::fs::create_dir_all(&outside)?;
     let mut sockets = Vec::new();

@@ -285,21 +285,9 @@ fn store_with(
     name: &str,
     minor: u64,
 ) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let store = env.dir.path().join("store");
-    std::fs::create_dir_all(store.join("block/devices"))?;
-    std::fs::create_dir_all(store.join("block/sockets"))?;
-    let cfg = env.dir.path().join("capsule-store.toml");
-    let mut o = opts.clone();
-    o.vhost_user_store = Some(store.clone());
-    env.write_capsule_config(&cfg, &o)?;
+    let (store, cfg) = env.vhost_store(opts)?;
     let node = store.join("block/devices").join(name);
-    nix::sys::stat::mknod(
-        &node,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        nix::sys::stat::makedev(241, minor),
-    )
-    .with_context(|| format!("mknod {}", node.display()))?;
+    capsule_tests::mknod_block(&node, 241, minor)?;
     Ok((node, store.join("block/sockets").join(name), cfg))
 }
 

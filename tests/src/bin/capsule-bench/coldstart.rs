@@ -11,7 +11,7 @@ use crate::stats::Series;
 
 const T: Duration = Duration::from_secs(300);
 
-const METHOD: &str = "A **capsule**: wall time of `ctr run --rm --runtime io.containerd.capsule.v2 IMAGE id true` (release shim): containerd, the shim, virtiofsd, QEMU boot, agent, container start, `true`, teardown.\n\
+const METHOD: &str = "A **capsule**: wall time of `ctr run --rm --runtime io.containerd.capsule.v2 IMAGE id true` (the shim as `make install` ships it: shim/build-dist.sh, static, size-optimised): containerd, the shim, virtiofsd, QEMU boot, agent, container start, `true`, teardown.\n\
 B **bare QEMU**: wall time from spawning QEMU to its exit, with capsule's own QEMU command line for the same configuration (the shim's `vm_config` through the hypervisor's `build_argv`: same machine, accel, memory, vCPUs, kernel, initramfs and kernel command line, without the virtio-fs share) plus `capsule.bench=ready-poweroff`: the agent does its normal early init (mounts, console, modules, cgroups, loopback), writes `capsule-bench: ready` on the console and powers off. The ready line is checked after every run.\n\
 C **runc**: wall time of `ctr run --rm IMAGE id true` with containerd's default runtime (io.containerd.runc.v2).\n\
 Order per round: A, B, C; one untimed warm-up of each first.";

@@ -12,7 +12,7 @@ use crate::stats::{Ratio, Series};
 /// Time a started container is left before its memory is read.
 pub const SETTLE: Duration = Duration::from_secs(2);
 
-const METHOD_RSS: &str = "VmRSS (/proc/PID/status) of the shim serving one running container (`sleep`), read 2 s after `ctr run -d` returned: capsule's release `containerd-shim-capsule-v2` serving one sandbox, against `containerd-shim-runc-v2` serving one container. Order per round: capsule, runc; each removed before the next.";
+const METHOD_RSS: &str = "VmRSS (/proc/PID/status) of the shim serving one running container (`sleep`), read 2 s after `ctr run -d` returned: capsule's `containerd-shim-capsule-v2` as `make install` ships it (shim/build-dist.sh: static glibc, fat LTO, opt-level s) serving one sandbox, against `containerd-shim-runc-v2` serving one container. Order per round: capsule, runc; each removed before the next.";
 
 const METHOD_PSS: &str = "PSS (/proc/PID/smaps_rollup) of the processes serving the capsule sandbox of figure 3, same moment: QEMU (and any children), virtiofsd (and its children), the shim. Shared pages are split among their users, so the sum is the sandbox's share of host memory.";
 
