@@ -18,6 +18,17 @@ use crate::reaper::Reaper;
 
 /// How long devices of a CreateContainer/AddDevice may take to appear.
 pub const DEVICE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest device wait a request may ask for.
+pub const MAX_DEVICE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The request's device wait: the default when unset, at most
+/// [`MAX_DEVICE_TIMEOUT`].
+pub fn device_timeout(req: &CreateContainerRequest) -> Duration {
+    match req.device_timeout_ms {
+        0 => DEVICE_TIMEOUT,
+        ms => Duration::from_millis(ms.into()).min(MAX_DEVICE_TIMEOUT),
+    }
+}
 
 enum Slot {
     Creating,
@@ -135,7 +146,7 @@ impl Sandbox {
             tracing::warn!(cid, "{w}");
         }
         spec::mount_plan(cid, oci.mounts().as_deref().unwrap_or(&[]))?;
-        let prepared = device::prepare(&self.devices, &req.devices, DEVICE_TIMEOUT)
+        let prepared = device::prepare(&self.devices, &req.devices, device_timeout(&req))
             .await
             .map_err(|e| AgentError::from(e).context(&what))?;
         device::rewrite_spec(&mut oci, &prepared)
@@ -337,4 +348,19 @@ fn check_no_symlinks(what: &str, root: &Path, rel: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_timeout_defaults_and_is_capped() {
+        let mut req = CreateContainerRequest::new();
+        assert_eq!(device_timeout(&req), DEVICE_TIMEOUT);
+        req.device_timeout_ms = 1500;
+        assert_eq!(device_timeout(&req), Duration::from_millis(1500));
+        req.device_timeout_ms = u32::MAX;
+        assert_eq!(device_timeout(&req), MAX_DEVICE_TIMEOUT);
+    }
 }

@@ -301,6 +301,7 @@ async fn start(
         agent,
         virtiofsd,
         create_timeout: t.agent_call().max(t.device_wait() + Duration::from_secs(5)),
+        device_wait: t.device_wait(),
         stopping,
         rootfs_mounted: Mutex::new(std::collections::HashMap::new()),
     })
@@ -317,6 +318,8 @@ pub struct QemuSandbox {
     agent: AgentConn,
     virtiofsd: VmProcess,
     create_timeout: Duration,
+    /// `timeouts.device_wait`, sent to the agent with each CreateContainer.
+    device_wait: Duration,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     rootfs_mounted: Mutex<std::collections::HashMap<String, bool>>,
 }
@@ -381,7 +384,8 @@ impl Sandbox for QemuSandbox {
         detach_all(&self.mgr, devices).await
     }
 
-    async fn create_container(&self, req: agent::CreateContainerRequest) -> Result<()> {
+    async fn create_container(&self, mut req: agent::CreateContainerRequest) -> Result<()> {
+        req.device_timeout_ms = u32::try_from(self.device_wait.as_millis()).unwrap_or(u32::MAX);
         self.agent
             .call(
                 "CreateContainer",
