@@ -105,6 +105,17 @@ fn vm_pid(env: &Env, id: &str, which: &str) -> Option<u32> {
 }
 
 /// The task is gone or STOPPED (a failed Create leaves no task).
+/// ctr failed with an error naming `device`, and the task is not running.
+fn failed_naming(env: &Env, id: &str, done: &Done, device: &str) -> Result<()> {
+    ensure!(done.code != Some(0), "ctr succeeded: {}", done.stdout);
+    ensure!(
+        done.stderr.contains("capsule") && done.stderr.contains(device),
+        "the error does not name the device {device}: {}",
+        done.stderr
+    );
+    task_not_running(env, id)
+}
+
 fn task_not_running(env: &Env, id: &str) -> Result<()> {
     match env.task_status(id).as_deref() {
         None | Some("STOPPED") => Ok(()),
@@ -339,13 +350,7 @@ fn qemu_killed_during_a_device_hotplug() -> Result<()> {
         killed.elapsed(),
         done.stderr.trim()
     );
-    ensure!(done.code != Some(0), "ctr succeeded: {}", done.stdout);
-    ensure!(
-        done.stderr.contains("capsule") && done.stderr.contains("(b 241:1)"),
-        "the error does not name the device: {}",
-        done.stderr
-    );
-    task_not_running(&env, id)?;
+    failed_naming(&env, id, &done, "(b 241:1)")?;
     drop(backend);
     finish(&env, id)
 }
@@ -426,13 +431,7 @@ fn hung_backend(answer: bool, hang: &str, bound_of: impl Fn(f64) -> Duration) ->
         at.elapsed(),
         done.stderr.trim()
     );
-    ensure!(done.code != Some(0), "ctr succeeded: {}", done.stdout);
-    ensure!(
-        done.stderr.contains("capsule") && done.stderr.contains("(b 241:2)"),
-        "the error does not name the device: {}",
-        done.stderr
-    );
-    task_not_running(&env, id)?;
+    failed_naming(&env, id, &done, "(b 241:2)")?;
     drop(backend);
     finish(&env, id)
 }
