@@ -38,6 +38,7 @@ use anyhow::{bail, Context, Result};
 use capsule_agent_protocol::agent::{AddDeviceRequest, ReadStreamRequest, RemoveDeviceRequest};
 use capsule_agent_protocol::client::AgentConn;
 use capsule_devmgr::device::DevType;
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::{DetachOutcome, DeviceInfo, DeviceKind, GuestAddress, HostDevice};
 use capsule_hypervisor::testkit::BareQmp;
 use serde_json::{json, Value};
@@ -159,7 +160,7 @@ async fn run(rounds: usize, poll: Duration) -> Result<Value> {
         let info = DeviceInfo::new(PATH, DevType::Block, 0, 0);
         // Registration (what the shim does when it resolves the spec) is
         // bookkeeping, untimed; the id is the disk's serial.
-        let id = vm.blk.new_device(HostDevice {
+        let id = vm.blk.add(HostDevice {
             info: Some(info.clone()),
             host_path: img,
             kind: DeviceKind::Block,

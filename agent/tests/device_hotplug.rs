@@ -37,6 +37,7 @@ use std::time::Instant;
 
 use capsule_agent_protocol::agent::{AddDeviceRequest, Device, RemoveDeviceRequest};
 use capsule_devmgr::device::DevType;
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::{
     DetachOutcome, DeviceId, DeviceInfo, DeviceManager, GuestAddress, HostDevice, Resolver,
     ResolverConfig,
@@ -105,7 +106,7 @@ async fn plug(mgr: &DeviceManager, prefix: &str, host: HostDevice) -> Plugged {
     let kind = host.kind.clone();
     let what = format!("{} ({:?})", info.container_path.display(), host.host_path);
     let id = mgr
-        .new_device(host)
+        .add(host)
         .unwrap_or_else(|e| panic!("new_device {what}: {e}"));
     let t = Instant::now();
     let addr = mgr

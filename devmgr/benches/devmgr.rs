@@ -12,6 +12,7 @@ use std::sync::Arc;
 use capsule_devmgr::device::{BlockDriver, DevType, DeviceKind, HostDevice};
 use capsule_devmgr::manager::{DeviceManager, ManagerConfig};
 use capsule_devmgr::state::{encode, FileStore, NullStore, StateStore};
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{devices, RecordingBackend};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 
@@ -40,7 +41,7 @@ fn populated(rt: &tokio::runtime::Runtime, n: u32) -> DeviceManager {
         .expect("manager");
     rt.block_on(async {
         for i in 0..n {
-            let id = mgr.new_device(device(i)).expect("new");
+            let id = mgr.add(device(i)).expect("new");
             mgr.attach(&id).await.expect("attach");
         }
     });
@@ -61,7 +62,7 @@ fn lifecycle(c: &mut Criterion) {
                 },
                 |dev| {
                     rt.block_on(async {
-                        let id = mgr.new_device(dev).expect("new");
+                        let id = mgr.add(dev).expect("new");
                         black_box(mgr.attach(&id).await.expect("attach"));
                         black_box(mgr.detach(&id).await.expect("detach"));
                         mgr.remove(&id).await.expect("remove");

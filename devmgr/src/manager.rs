@@ -44,6 +44,7 @@
 //! short sections without `.await` (including the state write); no lock is
 //! held across a backend call, so a slow hotplug of one device never delays
 //! another device.
+mod container;
 mod record;
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,12 +52,15 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-pub(crate) use record::{DedupeKey, Plan};
-pub use record::{DeviceId, DeviceRecord, DeviceStatus, Resources};
+pub use container::{Checkpoint, CheckpointHook, ContainerDevice};
+pub(crate) use record::DedupeKey;
+pub use record::{DeviceId, DeviceRecord, DeviceStatus, DeviceUse, Resources};
+
+use capsule_device_api::{BackendError, DeviceBackend, Needs, UnplugOutcome};
 
 use crate::alloc::{AllocError, Allocators, IndexAllocator, MAX_SPACE_LEN};
-use crate::backend::{BackendError, DeviceBackend, UnplugOutcome};
 use crate::device::{BlockDriver, DeviceInfo, DeviceKind, GuestAddress, HostDevice};
+use crate::owner::Owner;
 use crate::state::{self, SandboxState, StateError, StateStore};
 
 /// nvdimm devices a sandbox may hold by default (QEMU memory `slots=4`).
@@ -157,6 +161,14 @@ pub enum ManagerError {
     StateMissing { location: String },
     #[error("invalid device manager configuration: {0}")]
     Config(String),
+    /// A container's attach failed (`source`) and undoing the devices
+    /// attached before it failed too.
+    #[error("{source}; rolling back the devices attached before failed: {trouble}")]
+    Rollback {
+        #[source]
+        source: Box<ManagerError>,
+        trouble: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,8 +295,8 @@ fn for_each_address(
 }
 
 /// Allocates what `plan` needs, all or nothing.
-fn allocate(alloc: &mut Allocators, plan: Plan, id: DeviceId) -> Result<Resources, AllocError> {
-    fn take(alloc: &mut Allocators, plan: Plan, res: &mut Resources) -> Result<(), AllocError> {
+fn allocate(alloc: &mut Allocators, plan: Needs, id: DeviceId) -> Result<Resources, AllocError> {
+    fn take(alloc: &mut Allocators, plan: Needs, res: &mut Resources) -> Result<(), AllocError> {
         if plan.block {
             res.block_index = Some(alloc.block.alloc()?);
         }
@@ -313,6 +325,7 @@ pub struct DeviceManager {
     config: ManagerConfig,
     backend: Arc<dyn DeviceBackend>,
     inner: Mutex<Inner>,
+    checkpoint: Option<CheckpointHook>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -399,6 +412,20 @@ impl DeviceManager {
                 ops,
                 store,
             }),
+            checkpoint: None,
+        }
+    }
+
+    /// Calls `hook` at the [`Checkpoint`]s of container attach and detach
+    /// (the shim's crash-matrix fault points).
+    pub fn with_checkpoints(mut self, hook: CheckpointHook) -> Self {
+        self.checkpoint = Some(hook);
+        self
+    }
+
+    fn reached(&self, c: Checkpoint) {
+        if let Some(h) = &self.checkpoint {
+            h(c);
         }
     }
 
@@ -420,11 +447,25 @@ impl DeviceManager {
             .ok_or(ManagerError::UnknownDevice { id: *id })
     }
 
-    /// Adds a reference to `dev`, creating its record unless the same device
-    /// is already known (see the module docs for what "same" means and which
-    /// differences are refused).
-    pub fn new_device(&self, dev: HostDevice) -> Result<DeviceId, ManagerError> {
+    /// Adds a reference to `dev` held by `owner`, creating its record unless
+    /// the same device is already known (see the module docs for what
+    /// "same" means and which differences are refused). A container's use
+    /// carries its OCI request (`dev.info`), the runtime's uses carry none.
+    pub fn new_device(&self, owner: Owner, dev: HostDevice) -> Result<DeviceId, ManagerError> {
         let describe_new = || record::describe(None, &dev.kind, &dev.host_path, dev.info.as_ref());
+        if owner.is_container() != dev.info.is_some() {
+            return Err(ManagerError::InvalidDevice {
+                device: describe_new(),
+                reason: format!(
+                    "a use by {owner} must {} an OCI request",
+                    if owner.is_container() {
+                        "carry"
+                    } else {
+                        "not carry"
+                    }
+                ),
+            });
+        }
         if let DeviceKind::Vfio(group) = &dev.kind {
             if group.functions.is_empty() {
                 return Err(ManagerError::InvalidDevice {
@@ -462,7 +503,7 @@ impl DeviceManager {
                     reason,
                 });
             }
-            rec.uses.push(dev.info);
+            rec.uses.push(DeviceUse::new(owner, dev.info));
             inner
                 .commit(|i| {
                     if let Some(r) = i.state.devices.get_mut(&id) {
@@ -485,7 +526,7 @@ impl DeviceManager {
             host_path: dev.host_path,
             kind: dev.kind,
             driver,
-            uses: vec![dev.info],
+            uses: vec![DeviceUse::new(owner, dev.info)],
             attach_count: 0,
             status: DeviceStatus::Detached,
             resources: Resources::default(),
@@ -520,8 +561,8 @@ impl DeviceManager {
         self.plug(id, PlugMode::Hot).await
     }
 
-    /// Adds the device to the configuration of a VM that has not booted (the
-    /// only way to attach a virtio-mmio disk). Counted like `attach`.
+    /// Adds the device to the configuration of a VM that has not booted.
+    /// Counted like `attach`.
     pub async fn coldplug(&self, id: &DeviceId) -> Result<GuestAddress, ManagerError> {
         self.plug(id, PlugMode::Cold).await
     }
@@ -569,14 +610,7 @@ impl DeviceManager {
                     })
                 }
             }
-            let plan = Plan::of(&rec.kind, rec.driver);
-            if plan.coldplug_only && mode == PlugMode::Hot {
-                return Err(ManagerError::Refused {
-                    device: rec.describe(),
-                    op,
-                    reason: "virtio-mmio disks can only be cold-plugged before the VM boots".into(),
-                });
-            }
+            let plan = Needs::of(&rec.kind, rec.driver);
             if plan.generic {
                 rec.status = DeviceStatus::Attached;
                 rec.attach_count = 1;
@@ -716,7 +750,7 @@ impl DeviceManager {
                         .map_err(|e| inner.state_write(id, OP, "still attached", e))?;
                     return Ok(DetachOutcome::StillAttached { attach_count });
                 }
-                DeviceStatus::Attached if Plan::of(&rec.kind, rec.driver).generic => {
+                DeviceStatus::Attached if Needs::of(&rec.kind, rec.driver).generic => {
                     rec.status = DeviceStatus::Detached;
                     rec.attach_count = 0;
                     rec.guest_address = None;
@@ -832,24 +866,30 @@ impl DeviceManager {
         self.remove_where(id, |_| true, "").await
     }
 
-    /// Like [`remove`](Self::remove), dropping the reference whose request
-    /// was `info` (the newest such one).
+    /// Like [`remove`](Self::remove), dropping the reference `owner` holds
+    /// with request `info` (the newest such one).
     pub async fn remove_use(
         &self,
         id: &DeviceId,
+        owner: &Owner,
         info: Option<&DeviceInfo>,
     ) -> Result<u32, ManagerError> {
         let what = match info {
-            Some(i) => format!(" used as {}", i.container_path.display()),
-            None => " added by the runtime".into(),
+            Some(i) => format!(" of {owner} used as {}", i.container_path.display()),
+            None => format!(" of {owner}"),
         };
-        self.remove_where(id, |u| u.as_ref() == info, &what).await
+        self.remove_where(
+            id,
+            |u| &u.owner == owner && u.request.as_ref() == info,
+            &what,
+        )
+        .await
     }
 
     async fn remove_where(
         &self,
         id: &DeviceId,
-        matches: impl Fn(&Option<DeviceInfo>) -> bool,
+        matches: impl Fn(&DeviceUse) -> bool,
         what: &str,
     ) -> Result<u32, ManagerError> {
         const OP: &str = "remove";
@@ -900,7 +940,7 @@ impl DeviceManager {
         let Some(mut rec) = inner.state.devices.remove(id) else {
             return Err(ManagerError::UnknownDevice { id: *id });
         };
-        let key = DedupeKey::of(&rec.kind, &rec.host_path, removed.as_ref());
+        let key = DedupeKey::of(&rec.kind, &rec.host_path, removed.request.as_ref());
         inner.dedupe.remove(&key);
         let op_lock = inner.ops.remove(id);
         rec.uses.push(removed);

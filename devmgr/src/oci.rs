@@ -61,6 +61,30 @@ pub fn spec_devices(spec: &Spec) -> Result<Vec<DeviceInfo>, ResolveError> {
     Ok(out)
 }
 
+/// Whether the spec's device cgroup allows every device: a rule
+/// `{"allow": true, "access": "rwm"}` with no type (or type `a`) and no
+/// numbers. containerd writes it for privileged containers (with its list
+/// of every host device in `linux.devices`).
+pub fn allows_all_devices(spec: &Spec) -> bool {
+    let rules: &[LinuxDeviceCgroup] = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.devices().as_deref())
+        .unwrap_or_default();
+    rules.iter().any(|r| {
+        let all_types = r
+            .typ()
+            .is_none_or(|t| t == oci_spec::runtime::LinuxDeviceType::A);
+        let access = r.access().as_deref().unwrap_or("rwm");
+        r.allow()
+            && all_types
+            && r.major().is_none()
+            && r.minor().is_none()
+            && ["r", "w", "m"].iter().all(|c| access.contains(c))
+    })
+}
+
 /// Re-validates a [`DeviceInfo`] (its fields are public, so it may not come
 /// from [`device_info`]): path, numbers and mode.
 pub fn validate_info(info: &DeviceInfo) -> Result<(), ResolveError> {

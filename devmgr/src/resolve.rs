@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use crate::device::{DevType, DeviceInfo, DeviceKind, HostDevice, MAX_MAJOR, MAX_MINOR};
 use crate::uevent::{Uevent, UeventError};
-use crate::{oci, vfio, vhost_store};
+use crate::{in_use, oci, vfio, vhost_store};
 
 /// Largest `uevent` file read; real ones are a few hundred bytes.
 const UEVENT_MAX_BYTES: u64 = 64 * 1024;
@@ -56,6 +56,10 @@ pub enum ResolveError {
         #[source]
         source: io::Error,
     },
+    /// A host block device the host itself uses (mounted, holding a mounted
+    /// filesystem, swap): never given to a VM.
+    #[error("device {device}: refused: {reason}; a disk the host uses is never given to a VM")]
+    InUse { device: String, reason: String },
     /// A sysfs `uevent` file is malformed or disagrees with the request.
     #[error("device {device}: {}: {source}", .path.display())]
     Uevent {
@@ -123,6 +127,8 @@ pub struct ResolverConfig {
     pub dev_root: PathBuf,
     /// vhost-user store directory; `None` disables vhost-user resolution.
     pub vhost_user_store: Option<PathBuf>,
+    /// Normally `/proc` (mounts and swaps: a disk the host uses is refused).
+    pub proc_root: PathBuf,
 }
 
 impl Default for ResolverConfig {
@@ -131,7 +137,39 @@ impl Default for ResolverConfig {
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
             vhost_user_store: None,
+            proc_root: PathBuf::from("/proc"),
         }
+    }
+}
+
+/// A container's devices, translated from its OCI spec and resolved on the
+/// host exactly once (at Create): what
+/// [`DeviceManager::attach_container`](crate::DeviceManager::attach_container)
+/// attaches. Only [`Resolver::resolve_spec`] makes one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedDevices {
+    devices: Vec<HostDevice>,
+    /// `linux.devices` entries of a privileged spec that were not passed
+    /// through (containerd's list of every host device).
+    skipped_host_devices: usize,
+}
+
+impl ResolvedDevices {
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &HostDevice> {
+        self.devices.iter()
+    }
+    /// How many host devices of a privileged spec were left out.
+    pub fn skipped_host_devices(&self) -> usize {
+        self.skipped_host_devices
+    }
+    pub(crate) fn into_vec(self) -> Vec<HostDevice> {
+        self.devices
     }
 }
 
@@ -146,6 +184,7 @@ impl Resolver {
     pub fn new(config: ResolverConfig) -> Result<Self, ResolveError> {
         check_root("sysfs_root", &config.sysfs_root)?;
         check_root("dev_root", &config.dev_root)?;
+        check_root("proc_root", &config.proc_root)?;
         if let Some(store) = &config.vhost_user_store {
             check_root("vhost_user_store", store)?;
         }
@@ -183,6 +222,37 @@ impl Resolver {
     /// Resolves every device, stopping at the first error.
     pub fn resolve_all(&self, infos: &[DeviceInfo]) -> Result<Vec<HostDevice>, ResolveError> {
         infos.iter().map(|info| self.resolve(info)).collect()
+    }
+
+    /// Translates the `linux.devices` of `spec` and resolves each entry once.
+    ///
+    /// A privileged spec whose device cgroup allows every device (what
+    /// containerd writes for a privileged container together with its list
+    /// of *every* host device, unless `privileged_without_host_devices` is
+    /// set) gets none of those host devices: inside its VM it gets the
+    /// guest's devices instead. Nothing of the host reaches a VM unless a
+    /// container asked for it by name.
+    pub fn resolve_spec(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<ResolvedDevices, ResolveError> {
+        let infos = oci::spec_devices(spec)?;
+        if oci::allows_all_devices(spec) {
+            if !infos.is_empty() {
+                tracing::info!(
+                    devices = infos.len(),
+                    "privileged container: the host devices in its spec are not passed through; it gets the guest's devices"
+                );
+            }
+            return Ok(ResolvedDevices {
+                devices: Vec::new(),
+                skipped_host_devices: infos.len(),
+            });
+        }
+        Ok(ResolvedDevices {
+            devices: self.resolve_all(&infos)?,
+            skipped_host_devices: 0,
+        })
     }
 
     /// The host path a container path stands for: `/dev/X` is
@@ -280,9 +350,29 @@ impl Resolver {
             return vfio::resolve_node(&self.config.sysfs_root, info, rel);
         }
         Ok(match info.dev_type {
-            DevType::Block => DeviceKind::Block,
+            DevType::Block => {
+                self.refuse_in_use(info)?;
+                DeviceKind::Block
+            }
             _ => DeviceKind::Generic,
         })
+    }
+
+    /// Refuses a block device the host uses (see [`crate::in_use`]).
+    fn refuse_in_use(&self, info: &DeviceInfo) -> Result<(), ResolveError> {
+        let c = &self.config;
+        let found =
+            in_use::block_device_in_use(&c.sysfs_root, &c.proc_root, info.major, info.minor)
+                .map_err(|e| {
+                    ResolveError::io(describe(info), &c.proc_root.join("self/mountinfo"), e)
+                })?;
+        match found {
+            Some(reason) => Err(ResolveError::InUse {
+                device: describe(info),
+                reason,
+            }),
+            None => Ok(()),
+        }
     }
 }
 

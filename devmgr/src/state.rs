@@ -4,10 +4,11 @@
 //!
 //! ```json
 //! {
-//!   "version": 1,
+//!   "version": 2,
 //!   "next_id": 3,
 //!   "devices": [ { "id": "dev0", "host_path": "/dev/sda", "kind": {"kind": "block"},
-//!                  "driver": "virtio-scsi", "uses": [ { "container_path": "/dev/xvda", ... } ],
+//!                  "driver": "virtio-scsi", "uses": [ { "owner": {"owner": "container", "name": "c1"},
+//!                               "request": { "container_path": "/dev/xvda", ... } } ],
 //!                  "attach_count": 1, "status": "attached",
 //!                  "resources": { "block_index": 0 },
 //!                  "guest_address": { "type": "scsi", "address": "0:0" } } ],
@@ -26,9 +27,11 @@
 //! written while loading.
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+pub use capsule_state_file::{RealIo, StateIo};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -39,7 +42,7 @@ use crate::alloc::{Allocators, IndexAllocator, Space, BLOCK_INDEXES};
 use crate::manager::{DedupeKey, DeviceId, DeviceRecord, ManagerConfig};
 
 /// The state-file version this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// Name of the state file inside the sandbox's state directory.
 pub const STATE_FILE: &str = "devices.json";
 /// Name of the lock file held by the [`FileStore`] owning the directory.
@@ -112,11 +115,6 @@ impl Serialize for SandboxState {
 }
 
 #[derive(Deserialize)]
-struct VersionProbe {
-    version: u64,
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawState {
     #[allow(dead_code)] // checked by the probe
@@ -137,18 +135,10 @@ pub fn encode(state: &SandboxState) -> Result<Vec<u8>, StateError> {
 /// Parses and validates state bytes. Never panics; refuses (rather than
 /// repairs) anything malformed, from a future version, or inconsistent.
 pub fn decode(bytes: &[u8], config: &ManagerConfig) -> Result<SandboxState, StateError> {
-    let probe: VersionProbe = serde_json::from_slice(bytes).map_err(|e| {
-        StateError::Syntax(match e.classify() {
-            serde_json::error::Category::Eof => format!("truncated file: {e}"),
-            serde_json::error::Category::Data if !e.to_string().contains("version") => {
-                format!("expected a JSON object with a numeric \"version\": {e}")
-            }
-            _ => e.to_string(),
-        })
-    })?;
-    if probe.version != u64::from(STATE_VERSION) {
+    let found = capsule_state_file::check_version(bytes).map_err(StateError::Syntax)?;
+    if found != u64::from(STATE_VERSION) {
         return Err(StateError::Version {
-            found: probe.version,
+            found,
             supported: STATE_VERSION,
         });
     }
@@ -272,40 +262,6 @@ impl StateStore for NullStore {
     }
 }
 
-/// The file operations of a [`FileStore`] write, so tests can inject
-/// failures (ENOSPC, EIO) at each step.
-pub trait StateIo: Send {
-    /// Create or truncate `path` (mode 0600), write `bytes`, fsync the file.
-    fn write_synced(&mut self, path: &Path, bytes: &[u8]) -> io::Result<()>;
-    /// Rename `from` over `to`.
-    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()>;
-    /// fsync a directory, making a rename in it durable.
-    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
-}
-
-/// The real file system.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RealIo;
-
-impl StateIo for RealIo {
-    fn write_synced(&mut self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    }
-    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
-        std::fs::rename(from, to)
-    }
-    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
-    }
-}
-
 /// The state of one sandbox in `<dir>/devices.json`, owned exclusively.
 pub struct FileStore {
     dir: PathBuf,
@@ -335,11 +291,7 @@ impl FileStore {
     /// [`FileStore::open`] writing through `io`.
     pub fn open_with_io(dir: impl AsRef<Path>, io: Box<dyn StateIo>) -> Result<Self, StateError> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_err("create directory", &dir))?;
+        capsule_state_file::create_private_dir(&dir).map_err(io_err("create directory", &dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock_file = OpenOptions::new()
             .read(true)
@@ -347,6 +299,7 @@ impl FileStore {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(io_err("open lock file", &lock_path))?;
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
@@ -408,55 +361,15 @@ impl StateStore for FileStore {
 
     fn save(&mut self, state: &SandboxState) -> Result<(), StateError> {
         let bytes = encode(state)?;
-        let staged = self
-            .io
-            .write_synced(&self.temp, &bytes)
-            .map_err(io_err("write", &self.temp))
-            .and_then(|()| {
-                self.io
-                    .rename(&self.temp, &self.file)
-                    .map_err(io_err("rename", &self.temp))
-            });
-        if let Err(e) = staged {
-            let _ = std::fs::remove_file(&self.temp);
-            return Err(e);
-        }
-        // The new file is in place; without this it might not survive a
-        // power loss, so a failure is still reported (naming the file).
-        self.io
-            .sync_dir(&self.dir)
-            .map_err(io_err("fsync directory after replacing", &self.file))
+        // A failed directory fsync is still reported (naming the file): the
+        // new file is in place but might not survive a power loss.
+        capsule_state_file::replace(&mut *self.io, &self.dir, &self.temp, &self.file, &bytes)
+            .map_err(|e| StateError::Io {
+                op: e.op,
+                path: e.path,
+                source: e.source,
+            })
     }
-}
-
-/// Replaces `path` with `bytes` the way [`FileStore`] writes: a temp file
-/// (`.<name>.tmp`, mode 0600) in the same directory, fsync, rename over
-/// `path`, fsync of the directory. A reader sees the old or the new content,
-/// never a mix; after an error the old file is untouched (a failed directory
-/// fsync is reported although the rename happened). Takes no lock: callers
-/// serialise writers of one file.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| StateError::Io {
-        op: "write",
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
-    })?;
-    let temp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut rio = RealIo;
-    let staged = rio
-        .write_synced(&temp, bytes)
-        .map_err(io_err("write", &temp))
-        .and_then(|()| rio.rename(&temp, path).map_err(io_err("rename", &temp)));
-    if let Err(e) = staged {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e);
-    }
-    rio.sync_dir(dir)
-        .map_err(io_err("fsync directory after replacing", path))
 }
 
 #[cfg(test)]
@@ -469,23 +382,11 @@ mod tests {
     }
 
     #[test]
-    fn write_file_atomic_replaces_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.json");
-        write_file_atomic(&p, b"one").unwrap();
-        write_file_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-        let e = write_file_atomic(&dir.path().join("no/such/dir/f"), b"x").unwrap_err();
-        assert!(e.to_string().contains("no/such/dir"), "{e}");
-    }
-
-    #[test]
     fn empty_state_round_trips() {
         let s = SandboxState::new(&config());
         let bytes = encode(&s).unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(text.contains("\"version\": 1"), "{text}");
+        assert!(text.contains("\"version\": 2"), "{text}");
         assert_eq!(decode(&bytes, &config()).unwrap(), s);
     }
 
@@ -497,14 +398,14 @@ mod tests {
         assert!(e.to_string().contains("PCI slot range"), "{e}");
         let future = String::from_utf8(bytes)
             .unwrap()
-            .replace("\"version\": 1", "\"version\": 2");
+            .replace("\"version\": 2", "\"version\": 3");
         let e = decode(future.as_bytes(), &config()).unwrap_err();
         assert!(
             matches!(
                 e,
                 StateError::Version {
-                    found: 2,
-                    supported: 1
+                    found: 3,
+                    supported: 2
                 }
             ),
             "{e}"

@@ -1,7 +1,8 @@
-//! Test doubles: a [`RecordingBackend`] that records every call and fails,
-//! stalls or leaves unplugs pending on request, and a [`FaultyIo`] that makes
-//! state writes fail at a chosen step. Public so later crates' tests and the
-//! benchmarks can use them.
+//! Test doubles (feature `test-utils`): a [`RecordingBackend`] that records
+//! every call and fails, stalls or leaves unplugs pending on request, a
+//! [`FaultyIo`] that makes state writes fail at a chosen step, and
+//! [`loop_host`], a fixture host with loop devices. Public so later crates'
+//! tests and the benchmarks can use them.
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io;
 use std::path::Path;
@@ -10,9 +11,100 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backend::{AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome};
 use crate::device::{BlockDriver, DeviceKind, GuestAddress, PciPath, PciSlot};
+use crate::device::{DeviceInfo, HostDevice};
+use crate::manager::{DeviceId, DeviceManager, ManagerError};
+use crate::owner::Owner;
 use crate::state::{RealIo, StateIo};
+use capsule_device_api::{
+    AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome,
+};
+
+/// A fixture host under `dir`: `/sys/dev/block/7:N/uevent` and block nodes
+/// `/dev/loopN` (b 7:N) for N in `0..n`, and a `/proc` where nothing is
+/// mounted; returns a resolver that sees only it. Creating the nodes needs
+/// root (CAP_MKNOD).
+pub fn loop_host(dir: &Path, n: u32) -> io::Result<crate::Resolver> {
+    let sys = dir.join("sys");
+    let dev = dir.join("dev");
+    let proc_self = dir.join("proc/self");
+    std::fs::create_dir_all(&dev)?;
+    std::fs::create_dir_all(&proc_self)?;
+    std::fs::write(proc_self.join("mountinfo"), "")?;
+    std::fs::write(dir.join("proc/swaps"), "Filename Type Size Used Priority\n")?;
+    for i in 0..n {
+        let d = sys.join(format!("dev/block/7:{i}"));
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(
+            d.join("uevent"),
+            format!("MAJOR=7\nMINOR={i}\nDEVNAME=loop{i}\nDEVTYPE=disk\n"),
+        )?;
+        let node = dev.join(format!("loop{i}"));
+        if !node.exists() {
+            nix::sys::stat::mknod(
+                &node,
+                nix::sys::stat::SFlag::S_IFBLK,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                nix::sys::stat::makedev(7, i.into()),
+            )?;
+        }
+    }
+    crate::Resolver::new(crate::ResolverConfig {
+        sysfs_root: sys,
+        dev_root: dev,
+        vhost_user_store: None,
+        proc_root: dir.join("proc"),
+    })
+    .map_err(io::Error::other)
+}
+
+/// An OCI spec whose `linux.devices` are the block nodes `(container path,
+/// loop number)` of a [`loop_host`].
+pub fn loop_spec(devs: &[(&str, u32)]) -> oci_spec::runtime::Spec {
+    let list: Vec<serde_json::Value> = devs
+        .iter()
+        .map(|(p, m)| serde_json::json!({"path": p, "type": "b", "major": 7, "minor": m}))
+        .collect();
+    let spec = serde_json::json!({"ociVersion": "1.0.2", "linux": {"devices": list}});
+    serde_json::from_value(spec).unwrap_or_default()
+}
+
+/// The owner tests give a device they do not care to own explicitly:
+/// container `c` when it carries an OCI request, the runtime otherwise.
+pub fn test_owner(info: Option<&DeviceInfo>) -> Owner {
+    match info {
+        Some(_) => Owner::container("c"),
+        None => Owner::runtime("test"),
+    }
+}
+
+/// Shorthands for tests of counting and addressing, where ownership is not
+/// the point: the owner comes from [`test_owner`].
+pub trait ManagerTestExt {
+    /// `new_device` with [`test_owner`].
+    fn add(&self, dev: HostDevice) -> Result<DeviceId, ManagerError>;
+    /// `remove_use` of the use with request `info` held by [`test_owner`].
+    fn remove_request(
+        &self,
+        id: &DeviceId,
+        info: Option<&DeviceInfo>,
+    ) -> impl std::future::Future<Output = Result<u32, ManagerError>> + Send;
+}
+
+impl ManagerTestExt for DeviceManager {
+    fn add(&self, dev: HostDevice) -> Result<DeviceId, ManagerError> {
+        let owner = test_owner(dev.info.as_ref());
+        self.new_device(owner, dev)
+    }
+
+    async fn remove_request(
+        &self,
+        id: &DeviceId,
+        info: Option<&DeviceInfo>,
+    ) -> Result<u32, ManagerError> {
+        self.remove_use(id, &test_owner(info), info).await
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BackendOp {
@@ -286,11 +378,6 @@ fn address(req: &AttachRequest) -> Result<GuestAddress, String> {
                 .map(GuestAddress::Scsi)
                 .ok_or_else(|| missing("a SCSI address")),
             Some(BlockDriver::VirtioBlk) => first_pci(),
-            Some(BlockDriver::VirtioMmio) => req
-                .drive_name
-                .clone()
-                .map(GuestAddress::Mmio)
-                .ok_or_else(|| missing("a drive name")),
             Some(BlockDriver::Nvdimm) => pmem(),
             None => Err(missing("a driver")),
         },

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use capsule_devmgr::device::{BlockDriver, DeviceInfo, DeviceKind};
 use capsule_devmgr::manager::{DeviceId, DeviceManager, ManagerConfig};
 use capsule_devmgr::state::{decode, FileStore, SandboxState, StateStore, STATE_FILE};
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{check_consistency, BackendOp, RecordingBackend};
 use capsule_devmgr::{oci, NullStore, Resolver, ResolverConfig};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
@@ -173,6 +174,7 @@ impl Host {
             sysfs_root: self.sys.clone(),
             dev_root: self.dev.clone(),
             vhost_user_store: Some(self.store.clone()),
+            ..ResolverConfig::default()
         })
         .unwrap()
     }
@@ -300,9 +302,9 @@ async fn admit(mgr: &DeviceManager, resolver: &Resolver, spec: &Spec) -> Result<
     for info in infos {
         let one = async {
             let host = resolver.resolve(&info).map_err(|e| e.to_string())?;
-            let id = mgr.new_device(host).map_err(|e| e.to_string())?;
+            let id = mgr.add(host).map_err(|e| e.to_string())?;
             if let Err(e) = mgr.attach(&id).await {
-                mgr.remove_use(&id, Some(&info))
+                mgr.remove_request(&id, Some(&info))
                     .await
                     .unwrap_or_else(|r| panic!("dropping the reference after {e}: {r}"));
                 return Err(e.to_string());
@@ -326,7 +328,7 @@ async fn release(mgr: &DeviceManager, done: &Admitted) {
         mgr.detach(id)
             .await
             .unwrap_or_else(|e| panic!("detach {id}: {e}"));
-        mgr.remove_use(id, Some(info))
+        mgr.remove_request(id, Some(info))
             .await
             .unwrap_or_else(|e| panic!("remove {id}: {e}"));
     }

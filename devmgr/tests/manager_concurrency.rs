@@ -8,6 +8,7 @@ use capsule_devmgr::manager::{
     DetachOutcome, DeviceId, DeviceManager, DeviceStatus, ManagerConfig,
 };
 use capsule_devmgr::state::{FileStore, NullStore};
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{check_consistency, devices, BackendOp, RecordingBackend};
 
 fn assert_send_sync<T: Send + Sync>() {}
@@ -41,9 +42,9 @@ async fn a_slow_backend_call_on_one_device_does_not_block_another() {
         )
         .unwrap(),
     );
-    let a = mgr.new_device(devices::block(0)).unwrap();
-    mgr.new_device(devices::block(0)).unwrap();
-    let b = mgr.new_device(devices::block(1)).unwrap();
+    let a = mgr.add(devices::block(0)).unwrap();
+    mgr.add(devices::block(0)).unwrap();
+    let b = mgr.add(devices::block(1)).unwrap();
     backend.set_delay(
         Some(BackendOp::Hotplug),
         Some("dev0"),
@@ -66,7 +67,7 @@ async fn a_slow_backend_call_on_one_device_does_not_block_another() {
     tokio::time::timeout(Duration::from_secs(1), async {
         mgr.attach(&b).await.unwrap();
         assert_eq!(mgr.detach(&b).await.unwrap(), DetachOutcome::Detached);
-        let c = mgr.new_device(devices::block(2)).unwrap();
+        let c = mgr.add(devices::block(2)).unwrap();
         mgr.attach(&c).await.unwrap();
         mgr.detach(&c).await.unwrap();
         mgr.remove(&c).await.unwrap();
@@ -112,7 +113,7 @@ async fn many_tasks_on_shared_and_separate_devices() {
         for _ in 0..USERS {
             let (mgr, barrier) = (mgr.clone(), barrier.clone());
             tasks.push(tokio::spawn(async move {
-                let id = mgr.new_device(devices::block(d)).unwrap();
+                let id = mgr.add(devices::block(d)).unwrap();
                 let addr = mgr.attach(&id).await.unwrap();
                 barrier.wait().await;
                 mgr.detach(&id).await.unwrap();

@@ -7,7 +7,9 @@ use capsule_devmgr::manager::{
     DetachOutcome, DeviceId, DeviceManager, DeviceStatus, ManagerConfig, ManagerError,
 };
 use capsule_devmgr::state::NullStore;
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{check_consistency, devices, BackendOp, RecordingBackend};
+use capsule_devmgr::Owner;
 
 fn setup(driver: BlockDriver, pci: std::ops::Range<u32>) -> (DeviceManager, Arc<RecordingBackend>) {
     let backend = Arc::new(RecordingBackend::new());
@@ -23,28 +25,22 @@ fn scsi() -> (DeviceManager, Arc<RecordingBackend>) {
 #[test]
 fn dedupe_by_type_and_numbers_or_path() {
     let (mgr, _) = scsi();
-    let a = mgr.new_device(devices::block(0)).unwrap();
-    assert_eq!(mgr.new_device(devices::block(0)).unwrap(), a);
+    let a = mgr.add(devices::block(0)).unwrap();
+    assert_eq!(mgr.add(devices::block(0)).unwrap(), a);
     assert_eq!(mgr.get(&a).unwrap().ref_count(), 2);
     // c 8:0 is not b 8:0.
-    let c = mgr.new_device(devices::char_dev(8, 0)).unwrap();
+    let c = mgr.add(devices::char_dev(8, 0)).unwrap();
     assert_ne!(c, a);
     // Devices without numbers: by kind and host path.
-    let r1 = mgr.new_device(devices::runtime_block("/img/a")).unwrap();
-    let r2 = mgr.new_device(devices::runtime_block("/img/b")).unwrap();
+    let r1 = mgr.add(devices::runtime_block("/img/a")).unwrap();
+    let r2 = mgr.add(devices::runtime_block("/img/b")).unwrap();
     assert_ne!(r1, r2);
-    assert_eq!(
-        mgr.new_device(devices::runtime_block("/img/a")).unwrap(),
-        r1
-    );
+    assert_eq!(mgr.add(devices::runtime_block("/img/a")).unwrap(), r1);
     let mut zero = devices::char_dev(0, 0);
     zero.host_path = "/dev/one".into();
     let mut zero2 = devices::char_dev(0, 0);
     zero2.host_path = "/dev/two".into();
-    assert_ne!(
-        mgr.new_device(zero).unwrap(),
-        mgr.new_device(zero2).unwrap()
-    );
+    assert_ne!(mgr.add(zero).unwrap(), mgr.add(zero2).unwrap());
     assert_eq!(mgr.len(), 6);
 }
 
@@ -56,10 +52,12 @@ async fn every_users_request_is_kept() {
     let second_info = second.info.as_mut().unwrap();
     second_info.container_path = "/dev/other".into();
     second_info.file_mode = Some(0o600);
-    let id = mgr.new_device(first.clone()).unwrap();
-    assert_eq!(mgr.new_device(second.clone()).unwrap(), id);
+    let id = mgr.add(first.clone()).unwrap();
+    assert_eq!(mgr.add(second.clone()).unwrap(), id);
     let rec = mgr.get(&id).unwrap();
-    assert_eq!(rec.uses, vec![first.info.clone(), second.info.clone()]);
+    let requests: Vec<_> = rec.uses.iter().map(|u| u.request.clone()).collect();
+    assert_eq!(requests, vec![first.info.clone(), second.info.clone()]);
+    assert!(rec.uses.iter().all(|u| u.owner == Owner::container("c")));
     assert_eq!(
         mgr.find_by_container_path(Path::new("/dev/other"))[0].id,
         id
@@ -69,14 +67,23 @@ async fn every_users_request_is_kept() {
         .find_by_container_path(Path::new("/dev/nothing"))
         .is_empty());
     // Drop the first user's reference by name: the second's stays.
-    assert_eq!(mgr.remove_use(&id, first.info.as_ref()).await.unwrap(), 1);
-    assert_eq!(mgr.get(&id).unwrap().uses, vec![second.info.clone()]);
+    assert_eq!(
+        mgr.remove_request(&id, first.info.as_ref()).await.unwrap(),
+        1
+    );
+    let uses = mgr.get(&id).unwrap().uses;
+    assert_eq!(uses.len(), 1);
+    assert_eq!(uses[0].request, second.info);
     assert!(mgr
         .find_by_container_path(Path::new("/dev/xvd1"))
         .is_empty());
-    let e = mgr.remove_use(&id, first.info.as_ref()).await.unwrap_err();
+    let e = mgr
+        .remove_request(&id, first.info.as_ref())
+        .await
+        .unwrap_err();
     assert!(
-        e.to_string().contains("no reference used as /dev/xvd1"),
+        e.to_string()
+            .contains("no reference of container c used as /dev/xvd1"),
         "{e}"
     );
     assert_eq!(mgr.remove(&id).await.unwrap(), 0);
@@ -86,11 +93,11 @@ async fn every_users_request_is_kept() {
 #[test]
 fn conflicting_uses_are_refused_and_change_nothing() {
     let (mgr, _) = scsi();
-    let id = mgr.new_device(devices::block(2)).unwrap();
+    let id = mgr.add(devices::block(2)).unwrap();
     let before = mgr.snapshot();
     let mut ro = devices::block(2);
     ro.info.as_mut().unwrap().read_only = true;
-    let e = mgr.new_device(ro).unwrap_err();
+    let e = mgr.add(ro).unwrap_err();
     assert!(matches!(e, ManagerError::Conflict { .. }), "{e}");
     let msg = e.to_string();
     assert!(
@@ -103,7 +110,7 @@ fn conflicting_uses_are_refused_and_change_nothing() {
     let mut other = devices::block(2);
     other.kind = capsule_devmgr::device::DeviceKind::Pmem;
     assert!(matches!(
-        mgr.new_device(other).unwrap_err(),
+        mgr.add(other).unwrap_err(),
         ManagerError::Conflict { .. }
     ));
     assert_eq!(mgr.snapshot(), before);
@@ -113,9 +120,9 @@ fn conflicting_uses_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn only_first_attach_and_last_detach_reach_the_backend() {
     let (mgr, backend) = scsi();
-    let id = mgr.new_device(devices::block(0)).unwrap();
-    mgr.new_device(devices::block(0)).unwrap();
-    mgr.new_device(devices::block(0)).unwrap();
+    let id = mgr.add(devices::block(0)).unwrap();
+    mgr.add(devices::block(0)).unwrap();
+    mgr.add(devices::block(0)).unwrap();
     let addr = mgr.attach(&id).await.unwrap();
     assert_eq!(addr, GuestAddress::Scsi(ScsiAddr { id: 0, lun: 0 }));
     assert_eq!(mgr.attach(&id).await.unwrap(), addr);
@@ -153,7 +160,7 @@ async fn only_first_attach_and_last_detach_reach_the_backend() {
 #[tokio::test]
 async fn removing_the_last_reference_of_an_attached_device_fails_and_changes_nothing() {
     let (mgr, backend) = scsi();
-    let id = mgr.new_device(devices::block(0)).unwrap();
+    let id = mgr.add(devices::block(0)).unwrap();
     mgr.attach(&id).await.unwrap();
     let before = mgr.snapshot();
     let e = mgr.remove(&id).await.unwrap_err();
@@ -164,7 +171,7 @@ async fn removing_the_last_reference_of_an_attached_device_fails_and_changes_not
     );
     assert_eq!(mgr.snapshot(), before);
     // With two references and one attach, one reference may go.
-    mgr.new_device(devices::block(0)).unwrap();
+    mgr.add(devices::block(0)).unwrap();
     assert_eq!(mgr.remove(&id).await.unwrap(), 1);
     assert!(mgr.remove(&id).await.is_err());
     assert_eq!(mgr.get(&id).unwrap().ref_count(), 1);
@@ -182,8 +189,8 @@ async fn removing_the_last_reference_of_an_attached_device_fails_and_changes_not
 #[tokio::test]
 async fn generic_devices_are_counted_never_plugged() {
     let (mgr, backend) = scsi();
-    let id = mgr.new_device(devices::char_dev(1, 3)).unwrap();
-    mgr.new_device(devices::char_dev(1, 3)).unwrap();
+    let id = mgr.add(devices::char_dev(1, 3)).unwrap();
+    mgr.add(devices::char_dev(1, 3)).unwrap();
     assert_eq!(mgr.attach(&id).await.unwrap(), GuestAddress::None);
     assert_eq!(mgr.coldplug(&id).await.unwrap(), GuestAddress::None);
     let rec = mgr.get(&id).unwrap();
@@ -203,7 +210,7 @@ async fn addresses_follow_kind_and_driver() {
     // virtio-scsi: block index and SCSI address, no PCI slot, no vd name.
     let (mgr, backend) = scsi();
     for n in 0..3 {
-        mgr.new_device(devices::block(n)).unwrap();
+        mgr.add(devices::block(n)).unwrap();
     }
     for n in 0..3 {
         mgr.attach(&DeviceId(n)).await.unwrap();
@@ -225,7 +232,7 @@ async fn addresses_follow_kind_and_driver() {
 
     // virtio-blk: block index, vd name and one PCI slot.
     let (mgr, backend) = setup(BlockDriver::VirtioBlk, 5..8);
-    let id = mgr.new_device(devices::block(0)).unwrap();
+    let id = mgr.add(devices::block(0)).unwrap();
     let addr = mgr.attach(&id).await.unwrap();
     assert_eq!(addr, GuestAddress::Pci("05".parse().unwrap()));
     let rec = mgr.get(&id).unwrap();
@@ -243,23 +250,10 @@ async fn addresses_follow_kind_and_driver() {
         Some("vda")
     );
 
-    // virtio-mmio: cold-plug only.
-    let (mgr, backend) = setup(BlockDriver::VirtioMmio, 1..32);
-    let id = mgr.new_device(devices::block(0)).unwrap();
-    let e = mgr.attach(&id).await.unwrap_err();
-    assert!(e.to_string().contains("can only be cold-plugged"), "{e}");
-    assert_eq!(backend.call_count(), 0);
-    assert!(mgr.snapshot().allocators.block.is_empty());
-    assert_eq!(
-        mgr.coldplug(&id).await.unwrap(),
-        GuestAddress::Mmio("vda".into())
-    );
-    assert_eq!(backend.ops(), [(BackendOp::Coldplug, "dev0".into())]);
-
     // nvdimm driver and pmem kind: a pmem index only, never a block index.
     let (mgr, backend) = setup(BlockDriver::Nvdimm, 1..32);
-    let disk = mgr.new_device(devices::block(0)).unwrap();
-    let file = mgr.new_device(devices::pmem(0)).unwrap();
+    let disk = mgr.add(devices::block(0)).unwrap();
+    let file = mgr.add(devices::pmem(0)).unwrap();
     assert_eq!(mgr.coldplug(&disk).await.unwrap(), GuestAddress::Pmem(0));
     assert_eq!(mgr.attach(&file).await.unwrap(), GuestAddress::Pmem(1));
     let snap = mgr.snapshot();
@@ -272,16 +266,12 @@ async fn addresses_follow_kind_and_driver() {
 
     // VFIO: one slot per function, mediated ones included; vhost-user.
     let (mgr, backend) = scsi();
-    let gpu = mgr.new_device(devices::vfio(7, 2, 1)).unwrap();
-    let blk = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Blk, 1))
-        .unwrap();
+    let gpu = mgr.add(devices::vfio(7, 2, 1)).unwrap();
+    let blk = mgr.add(devices::vhost_user(VhostUserKind::Blk, 1)).unwrap();
     let vscsi = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Scsi, 2))
+        .add(devices::vhost_user(VhostUserKind::Scsi, 2))
         .unwrap();
-    let fs = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Fs, 3))
-        .unwrap();
+    let fs = mgr.add(devices::vhost_user(VhostUserKind::Fs, 3)).unwrap();
     let GuestAddress::Vfio(paths) = mgr.attach(&gpu).await.unwrap() else {
         panic!("vfio address")
     };
@@ -316,14 +306,14 @@ async fn addresses_follow_kind_and_driver() {
 async fn addresses_are_freed_on_detach_and_reused_lowest_first() {
     let (mgr, backend) = setup(BlockDriver::VirtioBlk, 1..32);
     let ids: Vec<_> = (0..4)
-        .map(|n| mgr.new_device(devices::block(n)).unwrap())
+        .map(|n| mgr.add(devices::block(n)).unwrap())
         .collect();
     for id in &ids {
         mgr.attach(id).await.unwrap();
     }
     mgr.detach(&ids[1]).await.unwrap();
     mgr.detach(&ids[2]).await.unwrap();
-    let fresh = mgr.new_device(devices::block(9)).unwrap();
+    let fresh = mgr.add(devices::block(9)).unwrap();
     mgr.attach(&fresh).await.unwrap();
     let rec = mgr.get(&fresh).unwrap();
     assert_eq!((rec.block_index(), rec.pci_slots()), (Some(1), &[2][..]));
@@ -335,7 +325,7 @@ async fn addresses_are_freed_on_detach_and_reused_lowest_first() {
 #[tokio::test]
 async fn pending_unplug_keeps_every_address() {
     let (mgr, backend) = setup(BlockDriver::VirtioBlk, 1..32);
-    let id = mgr.new_device(devices::block(0)).unwrap();
+    let id = mgr.add(devices::block(0)).unwrap();
     mgr.attach(&id).await.unwrap();
     let attached = mgr.get(&id).unwrap();
     backend.pend_unplugs_of("dev0");
@@ -347,7 +337,7 @@ async fn pending_unplug_keeps_every_address() {
         (1, &attached.resources, &attached.guest_address)
     );
     // Nobody else gets its index or slot.
-    let other = mgr.new_device(devices::block(1)).unwrap();
+    let other = mgr.add(devices::block(1)).unwrap();
     mgr.attach(&other).await.unwrap();
     assert_eq!(mgr.get(&other).unwrap().block_index(), Some(1));
     assert_eq!(mgr.get(&other).unwrap().pci_slots(), [2]);
@@ -376,7 +366,7 @@ async fn pending_unplug_keeps_every_address() {
 #[tokio::test]
 async fn complete_pending_frees_when_the_guest_lets_go_later() {
     let (mgr, backend) = scsi();
-    let id = mgr.new_device(devices::block(0)).unwrap();
+    let id = mgr.add(devices::block(0)).unwrap();
     mgr.attach(&id).await.unwrap();
     assert!(mgr
         .complete_pending(&id)
@@ -400,11 +390,11 @@ async fn complete_pending_frees_when_the_guest_lets_go_later() {
 async fn ids_are_never_reused_and_listed_in_numeric_order() {
     let (mgr, _) = scsi();
     let ids: Vec<_> = (0..12)
-        .map(|n| mgr.new_device(devices::block(n)).unwrap())
+        .map(|n| mgr.add(devices::block(n)).unwrap())
         .collect();
     assert_eq!(ids[11].to_string(), "dev11");
     mgr.remove(&ids[11]).await.unwrap();
-    assert_eq!(mgr.new_device(devices::block(50)).unwrap(), DeviceId(12));
+    assert_eq!(mgr.add(devices::block(50)).unwrap(), DeviceId(12));
     let listed: Vec<String> = mgr.list().iter().map(|r| r.id.to_string()).collect();
     assert_eq!(listed[9..], ["dev9", "dev10", "dev12"]);
 }
@@ -412,7 +402,7 @@ async fn ids_are_never_reused_and_listed_in_numeric_order() {
 #[tokio::test]
 async fn exhaustion_names_the_space_and_takes_nothing() {
     let (mgr, backend) = setup(BlockDriver::VirtioScsi, 1..3);
-    let gpu = mgr.new_device(devices::vfio(1, 3, 0)).unwrap();
+    let gpu = mgr.add(devices::vfio(1, 3, 0)).unwrap();
     let e = mgr.attach(&gpu).await.unwrap_err();
     assert!(matches!(e, ManagerError::Exhausted { .. }));
     let msg = e.to_string();
@@ -426,7 +416,7 @@ async fn exhaustion_names_the_space_and_takes_nothing() {
     assert_eq!(mgr.get(&gpu).unwrap().status, DeviceStatus::Detached);
     assert_eq!(backend.call_count(), 0);
     // An empty VFIO group is refused up front.
-    let e = mgr.new_device(devices::vfio(2, 0, 0)).unwrap_err();
+    let e = mgr.add(devices::vfio(2, 0, 0)).unwrap_err();
     assert!(e.to_string().contains("no functions"), "{e}");
 }
 
@@ -435,7 +425,7 @@ async fn errors_name_the_device() {
     let (mgr, backend) = scsi();
     let e = mgr.attach(&DeviceId(99)).await.unwrap_err();
     assert_eq!(e.to_string(), "device dev99 not found");
-    let id = mgr.new_device(devices::block(4)).unwrap();
+    let id = mgr.add(devices::block(4)).unwrap();
     backend.fail_next();
     let e = mgr.attach(&id).await.unwrap_err();
     let msg = e.to_string();

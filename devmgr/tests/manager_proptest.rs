@@ -9,6 +9,7 @@ use capsule_devmgr::manager::{
     DetachOutcome, DeviceId, DeviceManager, DeviceStatus, ManagerConfig,
 };
 use capsule_devmgr::state::{decode, FileStore, STATE_FILE};
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{check_consistency, devices, FaultStep, FaultyIo, RecordingBackend};
 use proptest::prelude::*;
 
@@ -64,7 +65,6 @@ fn driver() -> impl Strategy<Value = BlockDriver> {
     prop_oneof![
         Just(BlockDriver::VirtioScsi),
         Just(BlockDriver::VirtioBlk),
-        Just(BlockDriver::VirtioMmio),
         Just(BlockDriver::Nvdimm),
     ]
 }
@@ -101,7 +101,7 @@ async fn run(driver: BlockDriver, ops: Vec<Op>) -> Result<(), TestCaseError> {
         // Ok(Some(id)) names the device the op changed; errors must change nothing.
         let outcome: Result<Option<DeviceId>, String> = match op {
             Op::New(i) => mgr
-                .new_device(pool[i].clone())
+                .add(pool[i].clone())
                 .map(|id| {
                     *refs.entry(id).or_default() += 1;
                     Some(id)

@@ -9,6 +9,7 @@ use capsule_devmgr::manager::{
     DetachOutcome, DeviceId, DeviceManager, DeviceStatus, ManagerConfig, ManagerError,
 };
 use capsule_devmgr::state::{decode, FileStore, SandboxState, STATE_FILE};
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{
     check_consistency, devices, BackendOp, FaultStep, FaultSwitch, FaultyIo, RecordingBackend,
 };
@@ -66,7 +67,7 @@ const STEPS: [FaultStep; 3] = [FaultStep::Write, FaultStep::Rename, FaultStep::S
 #[tokio::test]
 async fn backend_hotplug_failure_rolls_back() {
     let e = env(BlockDriver::VirtioBlk, 1..32);
-    let id = e.mgr.new_device(devices::block(0)).unwrap();
+    let id = e.mgr.add(devices::block(0)).unwrap();
     let before = e.mgr.snapshot();
     e.backend.fail_on(BackendOp::Hotplug, Some("dev0"));
     let err = e.mgr.attach(&id).await.unwrap_err();
@@ -78,7 +79,7 @@ async fn backend_hotplug_failure_rolls_back() {
     e.mgr.attach(&id).await.unwrap();
     let rec = e.mgr.get(&id).unwrap();
     assert_eq!((rec.block_index(), rec.pci_slots()), (Some(0), &[1][..]));
-    let other = e.mgr.new_device(devices::block(1)).unwrap();
+    let other = e.mgr.add(devices::block(1)).unwrap();
     e.mgr.attach(&other).await.unwrap();
     assert_eq!(e.mgr.get(&other).unwrap().block_index(), Some(1));
     e.assert_consistent();
@@ -86,8 +87,8 @@ async fn backend_hotplug_failure_rolls_back() {
 
 #[tokio::test]
 async fn coldplug_failure_rolls_back() {
-    let e = env(BlockDriver::VirtioMmio, 1..32);
-    let id = e.mgr.new_device(devices::block(0)).unwrap();
+    let e = env(BlockDriver::VirtioScsi, 1..32);
+    let id = e.mgr.add(devices::block(0)).unwrap();
     let before = e.mgr.snapshot();
     e.backend.fail_next();
     assert!(e.mgr.coldplug(&id).await.is_err());
@@ -95,7 +96,10 @@ async fn coldplug_failure_rolls_back() {
     e.assert_consistent();
     assert_eq!(
         e.mgr.coldplug(&id).await.unwrap(),
-        capsule_devmgr::device::GuestAddress::Mmio("vda".into())
+        capsule_devmgr::device::GuestAddress::Scsi(capsule_devmgr::device::ScsiAddr {
+            id: 0,
+            lun: 0
+        })
     );
     e.assert_consistent();
 }
@@ -104,7 +108,7 @@ async fn coldplug_failure_rolls_back() {
 async fn state_write_failure_before_the_backend_call_changes_nothing() {
     for step in STEPS {
         let e = env(BlockDriver::VirtioBlk, 1..32);
-        let id = e.mgr.new_device(devices::vfio(3, 2, 0)).unwrap();
+        let id = e.mgr.add(devices::vfio(3, 2, 0)).unwrap();
         let before = e.mgr.snapshot();
         let bytes = e.file_bytes();
         e.faults.fail_save(1, step);
@@ -127,7 +131,7 @@ async fn state_write_failure_after_the_backend_call_unplugs_again() {
         let e = env(BlockDriver::VirtioScsi, 1..32);
         let id = e
             .mgr
-            .new_device(devices::vhost_user(VhostUserKind::Blk, 0))
+            .add(devices::vhost_user(VhostUserKind::Blk, 0))
             .unwrap();
         let before = e.mgr.snapshot();
         e.faults.fail_save(2, step);
@@ -152,7 +156,7 @@ async fn state_write_failure_after_the_backend_call_unplugs_again() {
 #[tokio::test]
 async fn undo_unplug_that_does_not_complete_leaves_the_device_pending() {
     let e = env(BlockDriver::VirtioBlk, 1..32);
-    let id = e.mgr.new_device(devices::block(0)).unwrap();
+    let id = e.mgr.add(devices::block(0)).unwrap();
     e.faults.fail_save(2, FaultStep::Write);
     e.backend.pend_next_unplug();
     let err = e.mgr.attach(&id).await.unwrap_err();
@@ -185,7 +189,7 @@ async fn allocator_exhaustion_rolls_back_what_was_taken() {
     let e = env(BlockDriver::VirtioScsi, 1..1);
     let id = e
         .mgr
-        .new_device(devices::vhost_user(VhostUserKind::Blk, 0))
+        .add(devices::vhost_user(VhostUserKind::Blk, 0))
         .unwrap();
     let before = e.mgr.snapshot();
     let err = e.mgr.attach(&id).await.unwrap_err();
@@ -201,7 +205,7 @@ async fn allocator_exhaustion_rolls_back_what_was_taken() {
     // pmem exhaustion after others took every index.
     let e = env(BlockDriver::Nvdimm, 1..32);
     let ids: Vec<_> = (0..5)
-        .map(|n| e.mgr.new_device(devices::pmem(n)).unwrap())
+        .map(|n| e.mgr.add(devices::pmem(n)).unwrap())
         .collect();
     for id in &ids[..4] {
         e.mgr.attach(id).await.unwrap();
@@ -218,7 +222,7 @@ async fn allocator_exhaustion_rolls_back_what_was_taken() {
 #[tokio::test]
 async fn detach_backend_failure_keeps_the_device_attached() {
     let e = env(BlockDriver::VirtioBlk, 1..32);
-    let id = e.mgr.new_device(devices::block(0)).unwrap();
+    let id = e.mgr.add(devices::block(0)).unwrap();
     e.mgr.attach(&id).await.unwrap();
     let attached = e.mgr.snapshot();
     e.backend.fail_on(BackendOp::Unplug, Some("dev0"));
@@ -235,7 +239,7 @@ async fn detach_backend_failure_keeps_the_device_attached() {
 async fn detach_state_write_failure_before_the_unplug_changes_nothing() {
     for step in STEPS {
         let e = env(BlockDriver::VirtioBlk, 1..32);
-        let id = e.mgr.new_device(devices::block(0)).unwrap();
+        let id = e.mgr.add(devices::block(0)).unwrap();
         e.mgr.attach(&id).await.unwrap();
         let attached = e.mgr.snapshot();
         e.faults.fail_save(1, step);
@@ -252,7 +256,7 @@ async fn detach_state_write_failure_before_the_unplug_changes_nothing() {
 #[tokio::test]
 async fn detach_state_write_failure_after_the_unplug_keeps_the_truth() {
     let e = env(BlockDriver::VirtioBlk, 1..32);
-    let id = e.mgr.new_device(devices::block(0)).unwrap();
+    let id = e.mgr.add(devices::block(0)).unwrap();
     e.mgr.attach(&id).await.unwrap();
     // One failure is retried away.
     e.faults.fail_save(2, FaultStep::Write);
@@ -279,7 +283,7 @@ async fn detach_state_write_failure_after_the_unplug_keeps_the_truth() {
 #[tokio::test]
 async fn pending_unplug_state_is_saved() {
     let e = env(BlockDriver::VirtioScsi, 1..32);
-    let id = e.mgr.new_device(devices::block(0)).unwrap();
+    let id = e.mgr.add(devices::block(0)).unwrap();
     e.mgr.attach(&id).await.unwrap();
     e.backend.pend_unplugs_of("dev0");
     assert_eq!(e.mgr.detach(&id).await.unwrap(), DetachOutcome::Pending);
@@ -305,21 +309,21 @@ async fn new_and_remove_write_failures_change_nothing() {
         let e = env(BlockDriver::VirtioScsi, 1..32);
         e.faults.fail_save(1, step);
         assert!(matches!(
-            e.mgr.new_device(devices::block(0)).unwrap_err(),
+            e.mgr.add(devices::block(0)).unwrap_err(),
             ManagerError::StateWrite { .. }
         ));
         assert!(e.mgr.is_empty());
         e.assert_consistent();
-        let id = e.mgr.new_device(devices::block(0)).unwrap();
+        let id = e.mgr.add(devices::block(0)).unwrap();
         assert_eq!(id, DeviceId(0), "the id of a failed create is not burnt");
         e.faults.fail_save(1, step);
-        assert!(e.mgr.new_device(devices::block(0)).is_err());
+        assert!(e.mgr.add(devices::block(0)).is_err());
         assert_eq!(e.mgr.get(&id).unwrap().ref_count(), 1);
         e.assert_consistent();
         e.mgr.attach(&id).await.unwrap();
         e.faults.fail_save(1, step);
         assert!(e.mgr.detach(&id).await.is_err());
-        e.mgr.new_device(devices::block(0)).unwrap();
+        e.mgr.add(devices::block(0)).unwrap();
         e.faults.fail_save(1, step);
         assert!(
             e.mgr.attach(&id).await.is_err(),
@@ -340,7 +344,7 @@ async fn new_and_remove_write_failures_change_nothing() {
         assert_eq!(e.mgr.remove(&id).await.unwrap(), 0);
         e.assert_consistent();
         // The record and its dedupe entry are gone for real.
-        assert_eq!(e.mgr.new_device(devices::block(0)).unwrap(), DeviceId(1));
+        assert_eq!(e.mgr.add(devices::block(0)).unwrap(), DeviceId(1));
         assert!(Path::new(&e.path).exists());
     }
 }

@@ -52,6 +52,7 @@ impl Fixture {
             sysfs_root: self.sys.clone(),
             dev_root: self.dev.clone(),
             vhost_user_store: store.then(|| self.store.clone()),
+            ..ResolverConfig::default()
         })
         .unwrap()
     }
@@ -896,6 +897,7 @@ mod resolve_vhost_store {
             sysfs_root: fx.sys.clone(),
             dev_root: fx.dev.clone(),
             vhost_user_store: Some(alias.clone()),
+            ..ResolverConfig::default()
         })
         .unwrap();
         let got = r

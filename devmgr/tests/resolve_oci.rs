@@ -446,6 +446,7 @@ mod resolve_props {
                 sysfs_root: tmp.path().join("sys"),
                 dev_root: tmp.path().join("dev"),
                 vhost_user_store: Some(tmp.path().join("store")),
+                ..ResolverConfig::default()
             }).unwrap();
             if let Ok(info) = device_info(&d, &[]) {
                 prop_assert!(r.resolve(&info).is_err());

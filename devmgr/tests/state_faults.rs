@@ -28,6 +28,7 @@ use capsule_devmgr::manager::{DeviceId, DeviceManager, DeviceStatus, ManagerConf
 use capsule_devmgr::state::{
     decode, encode, validate, FileStore, SandboxState, StateError, STATE_FILE, TEMP_FILE,
 };
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{
     check_consistency, devices, FaultStep, FaultSwitch, FaultyIo, RecordingBackend,
 };
@@ -117,7 +118,7 @@ impl Env {
         let store = FileStore::open_with_io(dir.path(), Box::new(io)).unwrap();
         let mgr = DeviceManager::new(config(), backend.clone(), store).unwrap();
         // A bystander, attached, so no file is trivially small.
-        let other = mgr.new_device(devices::pmem(0)).unwrap();
+        let other = mgr.add(devices::pmem(0)).unwrap();
         mgr.attach(&other).await.unwrap();
         let target = match op {
             Op::NewDevice => DeviceId(u64::MAX),
@@ -126,12 +127,12 @@ impl Env {
             | Op::RemoveLast
             | Op::DetachLast
             | Op::DetachPending
-            | Op::CompletePending => mgr.new_device(devices::block(0)).unwrap(),
-            Op::AttachVfio => mgr.new_device(devices::vfio(4, 2, 1)).unwrap(),
-            Op::AttachGeneric => mgr.new_device(devices::char_dev(4, 1)).unwrap(),
+            | Op::CompletePending => mgr.add(devices::block(0)).unwrap(),
+            Op::AttachVfio => mgr.add(devices::vfio(4, 2, 1)).unwrap(),
+            Op::AttachGeneric => mgr.add(devices::char_dev(4, 1)).unwrap(),
             Op::AttachAgain | Op::DetachCounted | Op::RemoveReference => {
-                mgr.new_device(devices::block(0)).unwrap();
-                mgr.new_device(devices::block(0)).unwrap()
+                mgr.add(devices::block(0)).unwrap();
+                mgr.add(devices::block(0)).unwrap()
             }
         };
         match op {
@@ -185,8 +186,8 @@ impl Env {
         let mgr = self.mgr();
         let id = &self.target;
         match op {
-            Op::NewDevice => mgr.new_device(devices::block(1)).map(drop),
-            Op::AddReference => mgr.new_device(devices::block(0)).map(drop),
+            Op::NewDevice => mgr.add(devices::block(1)).map(drop),
+            Op::AddReference => mgr.add(devices::block(0)).map(drop),
             Op::AttachFirst | Op::AttachVfio | Op::AttachAgain | Op::AttachGeneric => {
                 mgr.attach(id).await.map(drop)
             }
@@ -433,7 +434,7 @@ fn a_new_sandbox_whose_first_write_fails_is_not_created() {
                 let store = FileStore::open(dir.path()).unwrap();
                 let again =
                     DeviceManager::new(config(), Arc::new(RecordingBackend::new()), store).unwrap();
-                again.new_device(devices::block(0)).unwrap();
+                again.add(devices::block(0)).unwrap();
                 drop(again);
                 let store = FileStore::open(dir.path()).unwrap();
                 let third = DeviceManager::new(config(), Arc::new(RecordingBackend::new()), store);
@@ -448,24 +449,20 @@ fn a_new_sandbox_whose_first_write_fails_is_not_created() {
 async fn populate(dir: &Path) -> SandboxState {
     let backend = Arc::new(RecordingBackend::new());
     let mgr = DeviceManager::new(config(), backend.clone(), FileStore::open(dir).unwrap()).unwrap();
-    let scsi = mgr.new_device(devices::block(0)).unwrap();
-    mgr.new_device(devices::block(0)).unwrap();
+    let scsi = mgr.add(devices::block(0)).unwrap();
+    mgr.add(devices::block(0)).unwrap();
     let mut ro = devices::block(1);
     ro.info.as_mut().unwrap().read_only = true;
-    let ro = mgr.new_device(ro).unwrap();
-    let gpu = mgr.new_device(devices::vfio(4, 2, 1)).unwrap();
-    let blk = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Blk, 1))
-        .unwrap();
-    let fs = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Fs, 2))
-        .unwrap();
-    let pmem = mgr.new_device(devices::pmem(0)).unwrap();
-    let tty = mgr.new_device(devices::char_dev(4, 1)).unwrap();
+    let ro = mgr.add(ro).unwrap();
+    let gpu = mgr.add(devices::vfio(4, 2, 1)).unwrap();
+    let blk = mgr.add(devices::vhost_user(VhostUserKind::Blk, 1)).unwrap();
+    let fs = mgr.add(devices::vhost_user(VhostUserKind::Fs, 2)).unwrap();
+    let pmem = mgr.add(devices::pmem(0)).unwrap();
+    let tty = mgr.add(devices::char_dev(4, 1)).unwrap();
     let pending = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Scsi, 3))
+        .add(devices::vhost_user(VhostUserKind::Scsi, 3))
         .unwrap();
-    mgr.new_device(devices::runtime_block("/img/idle")).unwrap();
+    mgr.add(devices::runtime_block("/img/idle")).unwrap();
     for id in [scsi, scsi, ro, gpu, blk, fs, pmem, tty, pending] {
         mgr.attach(&id).await.unwrap();
     }
@@ -518,7 +515,7 @@ async fn a_temp_file_left_by_a_crash_never_replaces_the_last_good_state() {
             "{what}"
         );
         // The next write is a normal one.
-        let id = mgr.new_device(devices::block(9)).unwrap();
+        let id = mgr.add(devices::block(9)).unwrap();
         assert_eq!(id.0, good.next_id, "{what}");
         let on_disk = decode(
             &std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
@@ -561,7 +558,7 @@ async fn a_temp_file_left_by_a_crash_never_replaces_the_last_good_state() {
     )
     .unwrap();
     assert_eq!(mgr.snapshot(), good);
-    mgr.new_device(devices::block(9)).unwrap();
+    mgr.add(devices::block(9)).unwrap();
     assert_eq!(std::fs::read(outside.path()).unwrap(), b"precious");
     assert!(std::fs::symlink_metadata(dir.path().join(TEMP_FILE)).is_err());
     cases += 1;

@@ -9,6 +9,7 @@ use capsule_devmgr::state::{
     decode, encode, FileStore, NullStore, SandboxState, StateError, StateStore, STATE_FILE,
     TEMP_FILE,
 };
+use capsule_devmgr::testing::ManagerTestExt;
 use capsule_devmgr::testing::{devices, FaultStep, FaultyIo, RecordingBackend};
 use serde_json::{json, Value};
 
@@ -20,21 +21,17 @@ fn config() -> ManagerConfig {
 async fn populate(dir: &Path) -> SandboxState {
     let backend = Arc::new(RecordingBackend::new());
     let mgr = DeviceManager::new(config(), backend.clone(), FileStore::open(dir).unwrap()).unwrap();
-    let scsi = mgr.new_device(devices::block(0)).unwrap();
+    let scsi = mgr.add(devices::block(0)).unwrap();
     let mut ro = devices::block(1);
     ro.info.as_mut().unwrap().read_only = true;
-    let ro = mgr.new_device(ro).unwrap();
-    let gpu = mgr.new_device(devices::vfio(4, 2, 1)).unwrap();
-    let fs = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Fs, 1))
-        .unwrap();
-    let pmem = mgr.new_device(devices::pmem(0)).unwrap();
-    let tty = mgr.new_device(devices::char_dev(4, 1)).unwrap();
-    let pending = mgr
-        .new_device(devices::vhost_user(VhostUserKind::Blk, 2))
-        .unwrap();
-    let idle = mgr.new_device(devices::runtime_block("/img/idle")).unwrap();
-    mgr.new_device(devices::block(0)).unwrap();
+    let ro = mgr.add(ro).unwrap();
+    let gpu = mgr.add(devices::vfio(4, 2, 1)).unwrap();
+    let fs = mgr.add(devices::vhost_user(VhostUserKind::Fs, 1)).unwrap();
+    let pmem = mgr.add(devices::pmem(0)).unwrap();
+    let tty = mgr.add(devices::char_dev(4, 1)).unwrap();
+    let pending = mgr.add(devices::vhost_user(VhostUserKind::Blk, 2)).unwrap();
+    let idle = mgr.add(devices::runtime_block("/img/idle")).unwrap();
+    mgr.add(devices::block(0)).unwrap();
     for id in [scsi, scsi, ro, gpu, fs, pmem, tty, pending] {
         mgr.attach(&id).await.unwrap();
     }
@@ -69,7 +66,7 @@ async fn round_trip_reproduces_the_manager() {
 
     // Human-readable text forms, nothing dropped.
     let v: Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
     assert_eq!(v["next_id"], 8);
     let devs = v["devices"].as_array().unwrap();
     assert_eq!(devs.len(), 7);
@@ -79,8 +76,12 @@ async fn round_trip_reproduces_the_manager() {
         json!({"type": "scsi", "address": "0:0"})
     );
     assert_eq!(devs[0]["uses"].as_array().unwrap().len(), 2);
-    assert_eq!(devs[0]["uses"][0]["container_path"], "/dev/xvd0");
-    assert_eq!(devs[1]["uses"][0]["read_only"], true);
+    assert_eq!(devs[0]["uses"][0]["request"]["container_path"], "/dev/xvd0");
+    assert_eq!(
+        devs[0]["uses"][0]["owner"],
+        json!({"owner": "container", "name": "c"})
+    );
+    assert_eq!(devs[1]["uses"][0]["request"]["read_only"], true);
     assert_eq!(
         devs[2]["guest_address"],
         json!({"type": "vfio", "address": ["01", "02", "03"]})
@@ -94,12 +95,12 @@ async fn round_trip_reproduces_the_manager() {
     assert_eq!(v["allocators"]["block"]["held"], json!([0, 1, 2]));
 
     // The loaded manager carries on where the old one stopped.
-    let id = loaded.new_device(devices::block(7)).unwrap();
+    let id = loaded.add(devices::block(7)).unwrap();
     assert_eq!(id, DeviceId(8));
     loaded.attach(&id).await.unwrap();
     assert_eq!(loaded.get(&id).unwrap().block_index(), Some(3));
     // The dedupe index was rebuilt.
-    assert_eq!(loaded.new_device(devices::block(0)).unwrap(), DeviceId(0));
+    assert_eq!(loaded.add(devices::block(0)).unwrap(), DeviceId(0));
     assert_eq!(loaded.get(&DeviceId(0)).unwrap().ref_count(), 3);
 }
 
@@ -149,15 +150,19 @@ async fn truncated_and_garbage_files_are_refused_untouched() {
     assert_refused(b"[]", "expected a JSON object");
     assert_refused(b"{}", "missing field `version`");
     assert_refused(br#"{"version": "1"}"#, "not valid device state");
-    assert_refused(br#"{"version": 1}"#, "missing field");
+    assert_refused(br#"{"version": 2}"#, "missing field");
 }
 
 #[tokio::test]
 async fn future_versions_and_unknown_fields_are_refused() {
     let (_, v) = good_state().await;
     assert_refused(
-        &edited(&v, |v| v["version"] = json!(2)),
-        "unsupported device state version 2 (this build reads version 1)",
+        &edited(&v, |v| v["version"] = json!(3)),
+        "unsupported device state version 3 (this build reads version 2)",
+    );
+    assert_refused(
+        &edited(&v, |v| v["version"] = json!(1)),
+        "unsupported device state version 1 (this build reads version 2)",
     );
     assert_refused(
         &edited(&v, |v| v["version"] = json!(0)),
@@ -233,7 +238,7 @@ async fn inconsistent_files_are_refused() {
         ("a vfio device that is attached holds PCI slots [1, 2] but needs block index: none, pmem index: none, PCI slots: 3", Box::new(|v| v["devices"][2]["resources"]["pci_slots"] = json!([1, 2]))),
         ("users disagree on read-only", Box::new(|v| {
             let mut u = v["devices"][0]["uses"][0].clone();
-            u["read_only"] = json!(true);
+            u["request"]["read_only"] = json!(true);
             v["devices"][0]["uses"].as_array_mut().unwrap().push(u);
         })),
         ("PCI slot range", Box::new(|v| v["allocators"]["pci"]["end"] = json!(64))),
@@ -243,10 +248,13 @@ async fn inconsistent_files_are_refused() {
         ("PCI path", Box::new(|v| v["devices"][2]["guest_address"]["address"][0] = json!("zz"))),
         ("host path dev/sda is not an absolute normalised path", Box::new(|v| v["devices"][0]["host_path"] = json!("dev/sda"))),
         ("host path /dev/../etc/x is not an absolute normalised path", Box::new(|v| v["devices"][0]["host_path"] = json!("/dev/../etc/x"))),
-        ("container path xvd0 is not an absolute", Box::new(|v| v["devices"][0]["uses"][0]["container_path"] = json!("xvd0"))),
+        ("container path xvd0 is not an absolute", Box::new(|v| v["devices"][0]["uses"][0]["request"]["container_path"] = json!("xvd0"))),
         ("socket sock is not an absolute", Box::new(|v| v["devices"][3]["kind"]["socket"] = json!("sock"))),
-        ("cgroup access \"rxw\" of /dev/xvd0 is not a canonical subset", Box::new(|v| v["devices"][0]["uses"][0]["cgroup_access"] = json!("rxw"))),
-        ("cgroup access \"wr\"", Box::new(|v| v["devices"][0]["uses"][0]["cgroup_access"] = json!("wr"))),
+        ("cgroup access \"rxw\" of /dev/xvd0 is not a canonical subset", Box::new(|v| v["devices"][0]["uses"][0]["request"]["cgroup_access"] = json!("rxw"))),
+        ("cgroup access \"wr\"", Box::new(|v| v["devices"][0]["uses"][0]["request"]["cgroup_access"] = json!("wr"))),
+        ("the use of the runtime (test) carries an OCI request", Box::new(|v| v["devices"][0]["uses"][0]["owner"] = json!({"owner": "runtime", "name": "test"}))),
+        ("the use of container c lacks an OCI request", Box::new(|v| drop(v["devices"][0]["uses"][0].as_object_mut().unwrap().remove("request")))),
+        ("unknown variant `pod`", Box::new(|v| v["devices"][0]["uses"][0]["owner"]["owner"] = json!("pod"))),
         ("VFIO group name \"../7\" is not valid", Box::new(|v| v["devices"][2]["kind"]["group"] = json!("../7"))),
     ];
     for (want, edit) in cases {
@@ -361,14 +369,14 @@ async fn a_full_disk_fails_operations_and_changes_nothing() {
         FileStore::open_with_io(dir.path(), Box::new(io)).unwrap(),
     )
     .unwrap();
-    let id = mgr.new_device(devices::block(0)).unwrap();
+    let id = mgr.add(devices::block(0)).unwrap();
     let path = dir.path().join(STATE_FILE);
     let bytes = std::fs::read(&path).unwrap();
     faults.set_broken(true);
     let before = mgr.snapshot();
     let e = mgr.attach(&id).await.unwrap_err();
     assert!(e.to_string().contains("No space left on device"), "{e}");
-    assert!(mgr.new_device(devices::block(1)).is_err());
+    assert!(mgr.add(devices::block(1)).is_err());
     assert!(mgr.remove(&id).await.is_err());
     assert_eq!(mgr.snapshot(), before);
     assert_eq!(std::fs::read(&path).unwrap(), bytes);

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use capsule_devmgr::backend::{DeviceBackend, UnplugOutcome};
-use capsule_devmgr::device::{BlockDriver, DeviceKind};
+use capsule_device_api::{BlockDriver, DeviceKind};
+use capsule_device_api::{DeviceBackend, UnplugOutcome};
 
 use capsule_hypervisor::testkit::BareQmp;
 use common::*;

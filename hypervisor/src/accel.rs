@@ -171,7 +171,7 @@ fn read_cache(path: &Path, key: &CacheEntry) -> Option<CacheEntry> {
 
 fn write_cache(path: &Path, entry: &CacheEntry) -> std::io::Result<()> {
     let data = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
-    crate::description::write_atomic(path, &data)
+    capsule_state_file::write_atomic(path, &data).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// Boots the kernel under KVM with `capsule.probe=1`; `Ok(duration)` when

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use capsule_devmgr::device::BlockDriver;
+use capsule_device_api::BlockDriver;
 
 /// QEMU machine type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -276,9 +276,6 @@ impl VmConfig {
     }
     pub fn stderr_log(&self) -> PathBuf {
         self.run_dir.join("qemu.stderr")
-    }
-    pub fn description_path(&self) -> PathBuf {
-        self.run_dir.join("vm.json")
     }
     pub fn scsi_controller(&self) -> bool {
         self.block_driver == BlockDriver::VirtioScsi

@@ -1,11 +1,12 @@
-//! What a new runtime process needs to re-attach to a running VM, persisted
-//! atomically next to its sockets.
-use std::io::Write;
+//! What a new runtime process needs to re-attach to a running VM, or to
+//! stop it after a crash. The runtime persists it once (the launcher hands
+//! it to a [`crate::launch::DescriptionRecorder`]); as a file of its own it
+//! is a capsule state file ([`capsule_state_file::Versioned`]).
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use capsule_devmgr::backend::AttachRequest;
+use capsule_device_api::AttachRequest;
 
 use crate::config::{Accel, MachineType, Timeouts};
 use crate::layout::VmLayout;
@@ -53,65 +54,25 @@ impl VmDescription {
         }
     }
 
-    /// Writes the description atomically (temp file, fsync, rename).
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(path, &data)
+    /// Writes the description to `path` as a state file of its own.
+    pub fn save(&self, path: &Path) -> Result<(), capsule_state_file::StateFileError> {
+        capsule_state_file::save(path, self)
     }
 
-    pub fn load(path: &Path) -> std::io::Result<Self> {
-        let data = std::fs::read(path)?;
-        let desc: Self = serde_json::from_slice(&data).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        })?;
-        if desc.version != DESCRIPTION_VERSION {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "{}: description version {} (expected {DESCRIPTION_VERSION})",
-                    path.display(),
-                    desc.version
-                ),
-            ));
-        }
-        Ok(desc)
+    /// Loads a description saved with [`save`](Self::save); a missing
+    /// file is an error.
+    pub fn load(path: &Path) -> Result<Self, capsule_state_file::StateFileError> {
+        capsule_state_file::load(path)?.ok_or_else(|| capsule_state_file::StateFileError::Read {
+            what: <Self as capsule_state_file::Versioned>::WHAT,
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })
     }
 }
 
-/// Replaces `path` with `data` atomically: a reader sees the old or the new
-/// content, never a truncated file.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let res = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+impl capsule_state_file::Versioned for VmDescription {
+    const WHAT: &'static str = "VM description";
+    const VERSION: u32 = DESCRIPTION_VERSION;
 }
 
 #[cfg(test)]
@@ -156,6 +117,6 @@ mod tests {
         assert!(VmDescription::load(&p)
             .unwrap_err()
             .to_string()
-            .contains("version 99"));
+            .contains("has version 99"));
     }
 }

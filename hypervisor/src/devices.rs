@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use capsule_devmgr::device::PciPath;
+use capsule_device_api::PciPath;
 
 use crate::naming::{capsule_id_of_backend, capsule_id_of_device};
 use crate::pci_path::all_pci_paths;

@@ -1,5 +1,5 @@
 //! Errors of the VM lifecycle.
-use capsule_devmgr::backend::BackendError;
+use capsule_device_api::BackendError;
 
 use crate::process::AdoptError;
 use crate::qmp::QmpError;
@@ -21,11 +21,14 @@ pub enum HypervisorError {
     Qmp(#[from] QmpError),
     #[error("cannot attach to the VM: {0}")]
     Adopt(#[from] AdoptError),
+    /// A persisted VM description could not be read.
+    #[error(transparent)]
+    Description(#[from] capsule_state_file::StateFileError),
     /// The run directory belongs to a VM that is still running.
-    #[error("a VM is already running in this run directory (pid {pid}, {}); attach to it instead of starting another", .description.display())]
+    #[error("a VM is already running in this run directory (pid {pid} from {}); stop it or attach to it instead of starting another", .pidfile.display())]
     AlreadyRunning {
         pid: u32,
-        description: std::path::PathBuf,
+        pidfile: std::path::PathBuf,
     },
     #[error("QEMU (pid {pid}) has exited ({how})")]
     Exited { pid: u32, how: String },

@@ -11,7 +11,7 @@
 //!   means "behind `rpN`, device 0".
 use serde::{Deserialize, Serialize};
 
-use capsule_devmgr::device::{PciPath, PciSlot};
+use capsule_device_api::{PciPath, PciSlot};
 
 use crate::config::MachineType;
 

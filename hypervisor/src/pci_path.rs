@@ -2,7 +2,7 @@
 //! bridges, to the device with a given qdev id.
 use std::collections::BTreeMap;
 
-use capsule_devmgr::device::{PciPath, PciSlot};
+use capsule_device_api::{PciPath, PciSlot};
 
 use crate::qmp::{PciBusInfo, PciDeviceInfo};
 

@@ -4,10 +4,10 @@
 use async_trait::async_trait;
 use tokio::sync::RwLock;
 
-use capsule_devmgr::backend::{
+use capsule_device_api::GuestAddress;
+use capsule_device_api::{
     AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome,
 };
-use capsule_devmgr::device::GuestAddress;
 
 use crate::config::VmConfig;
 use crate::description::VmDescription;
@@ -37,9 +37,15 @@ impl std::fmt::Debug for VmSlot {
 impl VmSlot {
     /// A VM to cold-plug into, then [`start`](Self::start).
     pub fn new(config: VmConfig) -> Result<Self, HypervisorError> {
-        Ok(Self {
-            state: RwLock::new(State::Preparing(Box::new(VmBuilder::new(config)?))),
-        })
+        Ok(Self::from_builder(VmBuilder::new(config)?))
+    }
+
+    /// [`new`](Self::new) from a configured builder (e.g. with a
+    /// description recorder).
+    pub fn from_builder(builder: VmBuilder) -> Self {
+        Self {
+            state: RwLock::new(State::Preparing(Box::new(builder))),
+        }
     }
 
     /// A slot for a VM that already runs (re-attached from its description).
@@ -144,7 +150,7 @@ impl DeviceBackend for VmSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capsule_devmgr::device::DeviceKind;
+    use capsule_device_api::DeviceKind;
 
     fn req(id: &str) -> AttachRequest {
         AttachRequest {

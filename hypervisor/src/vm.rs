@@ -1,5 +1,4 @@
 //! A running QEMU VM: lifecycle, QMP session, hotplug and unplug.
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,20 +6,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 
-use capsule_devmgr::backend::{
+use capsule_device_api::GuestAddress;
+use capsule_device_api::{
     AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome,
 };
-use capsule_devmgr::device::GuestAddress;
 
 use crate::description::VmDescription;
 use crate::devices::VmDevices;
 use crate::error::HypervisorError;
 use crate::hotplug::exec::{self, ExecContext};
-use crate::hotplug::{self, pci_slots_needed, unplug, DevicePlan};
+use crate::hotplug::{self, unplug, DevicePlan};
 use crate::layout::VmLayout;
 use crate::process::{ExitInfo, VmProcess};
 use crate::qmp::{QmpClient, QmpOptions};
-use crate::RunningVm;
 
 /// A QEMU VM. Cheap to clone. Dropping it leaves the VM running (a later
 /// process may re-attach from its [`VmDescription`]); [`QemuVm::stop`] ends it.
@@ -36,9 +34,6 @@ struct Inner {
     qmp_opts: QmpOptions,
     /// Serialises mutating QMP sequences.
     serial: Mutex<()>,
-    /// Held from choosing free PCI slots until the device is in, so two
-    /// hotplugs without allocated slots never pick the same one.
-    auto_slots: Mutex<()>,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -67,7 +62,6 @@ impl QemuVm {
                 qmp: Mutex::new(Some(qmp)),
                 qmp_opts,
                 serial: Mutex::new(()),
-                auto_slots: Mutex::new(()),
             }),
         }
     }
@@ -86,8 +80,7 @@ impl QemuVm {
 
     /// [`attach`](Self::attach) from a description file.
     pub async fn attach_file(path: &Path) -> Result<Self, HypervisorError> {
-        let desc = VmDescription::load(path)
-            .map_err(|e| HypervisorError::io(format!("loading {}", path.display()), e))?;
+        let desc = VmDescription::load(path)?;
         Self::attach(desc).await
     }
 
@@ -101,6 +94,11 @@ impl QemuVm {
 
     pub fn pid(&self) -> u32 {
         self.inner.process.pid()
+    }
+
+    /// Turns `Some` when QEMU is gone.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.inner.process.exit_watch()
     }
 
     pub fn process(&self) -> &VmProcess {
@@ -187,12 +185,7 @@ impl QemuVm {
         }
         tracing::info!(pid = p.pid(), exit = ?p.exit_info(), "VM stopped");
         let d = &self.inner.desc;
-        for f in [
-            &d.qmp_socket,
-            &d.agent_socket,
-            &d.pidfile,
-            &d.run_dir.join("vm.json"),
-        ] {
+        for f in [&d.qmp_socket, &d.agent_socket, &d.pidfile] {
             match std::fs::remove_file(f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -217,57 +210,8 @@ impl QemuVm {
             .map_err(|e| BackendError::new(BackendErrorKind::Failed, format!("device {id}: {e}")))
     }
 
-    /// Picks free device slots (pc: `pci.0` slots of the device range; q35:
-    /// empty root ports) when the manager gave none, so a device never lands
-    /// on a slot the layout reserves.
-    async fn slots_for(
-        &self,
-        req: &AttachRequest,
-        qmp: &QmpClient,
-    ) -> Result<Vec<u32>, BackendError> {
-        let need = pci_slots_needed(req);
-        let layout = self.layout();
-        if !req.pci_slots.is_empty() || need == 0 {
-            return Ok(req.pci_slots.clone());
-        }
-        let buses = qmp
-            .query_pci()
-            .await
-            .map_err(|e| hotplug::qmp_error(&req.id, "query-pci", &e))?;
-        let root = buses.iter().filter(|b| b.bus == 0).flat_map(|b| &b.devices);
-        let busy: BTreeSet<u32> = match layout.machine {
-            crate::config::MachineType::Pc => root.map(|d| d.slot).collect(),
-            crate::config::MachineType::Q35 => root
-                .filter_map(|d| {
-                    let n: u32 = d.qdev_id.strip_prefix("rp")?.parse().ok()?;
-                    d.pci_bridge
-                        .as_ref()
-                        .filter(|b| !b.devices.is_empty())
-                        .map(|_| n)
-                })
-                .collect(),
-        };
-        let free: Vec<u32> = layout
-            .device_slots()
-            .into_iter()
-            .filter(|s| !busy.contains(s))
-            .take(need)
-            .collect();
-        if free.len() < need {
-            return Err(BackendError::new(
-                BackendErrorKind::Failed,
-                format!(
-                    "device {}: needs {need} free PCI slots, {} left",
-                    req.id,
-                    free.len()
-                ),
-            ));
-        }
-        Ok(free)
-    }
-
-    fn plan(&self, req: &AttachRequest, slots: &[u32]) -> Result<DevicePlan, BackendError> {
-        hotplug::plan(req, &self.layout(), slots)
+    fn plan(&self, req: &AttachRequest) -> Result<DevicePlan, BackendError> {
+        hotplug::plan(req, &self.layout())
     }
 }
 
@@ -276,22 +220,11 @@ impl DeviceBackend for QemuVm {
     async fn hotplug(&self, req: &AttachRequest) -> Result<GuestAddress, BackendError> {
         tracing::info!(device = %req.id, kind = req.kind.name(), host_path = %req.host_path.display(), "hotplug");
         // Refusals that need no QEMU come first.
-        let plan = self.plan(req, &req.pci_slots)?;
+        let plan = self.plan(req)?;
         if plan.steps.is_empty() {
             return Ok(GuestAddress::None);
         }
         let qmp = self.qmp_for(&req.id).await?;
-        let _auto = if req.pci_slots.is_empty() && pci_slots_needed(req) > 0 {
-            Some(self.inner.auto_slots.lock().await)
-        } else {
-            None
-        };
-        let slots = self.slots_for(req, &qmp).await?;
-        let plan = if slots != req.pci_slots {
-            self.plan(req, &slots)?
-        } else {
-            plan
-        };
         exec::hotplug(&self.exec_ctx(&qmp), &plan).await
     }
 
@@ -316,24 +249,5 @@ impl DeviceBackend for QemuVm {
             BackendErrorKind::Unsupported,
             format!("device {}: the VM is already running; cold-plug happens before start (use hotplug)", req.id),
         ))
-    }
-}
-
-#[async_trait]
-impl RunningVm for QemuVm {
-    fn pid(&self) -> u32 {
-        QemuVm::pid(self)
-    }
-    fn description(&self) -> &VmDescription {
-        QemuVm::description(self)
-    }
-    fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
-        self.inner.process.exit_watch()
-    }
-    async fn devices(&self) -> Result<VmDevices, HypervisorError> {
-        QemuVm::devices(self).await
-    }
-    async fn stop(&self) -> Result<(), HypervisorError> {
-        QemuVm::stop(self).await
     }
 }

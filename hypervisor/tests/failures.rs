@@ -9,8 +9,8 @@ use anyhow::{ensure, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
-use capsule_devmgr::backend::{BackendErrorKind, DeviceBackend, UnplugOutcome};
-use capsule_devmgr::device::{
+use capsule_device_api::{BackendErrorKind, DeviceBackend, UnplugOutcome};
+use capsule_device_api::{
     Bdf, BlockDriver, DeviceKind, VfioFunction, VfioGroup, VfioMode, VhostUserKind,
 };
 use capsule_hypervisor::config::VmConfig;
@@ -25,7 +25,7 @@ fn no_guest() -> VmOpts {
     }
 }
 
-fn vhost_blk(id: &str, socket: &Path) -> capsule_devmgr::backend::AttachRequest {
+fn vhost_blk(id: &str, socket: &Path) -> capsule_device_api::AttachRequest {
     request(
         id,
         DeviceKind::VhostUser {

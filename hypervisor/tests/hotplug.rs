@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use capsule_devmgr::backend::{BackendErrorKind, DeviceBackend, UnplugOutcome};
-use capsule_devmgr::device::{BlockDriver, DeviceKind, GuestAddress, ScsiAddr, VhostUserKind};
+use capsule_device_api::{BackendErrorKind, DeviceBackend, UnplugOutcome};
+use capsule_device_api::{BlockDriver, DeviceKind, GuestAddress, ScsiAddr, VhostUserKind};
 use capsule_hypervisor::config::MachineType;
 
 use common::*;
@@ -381,7 +381,7 @@ async fn nvdimm_coldplug_and_hotplug_unplug_refused() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coldplugged_devices_are_where_the_layout_says() -> Result<()> {
-    use capsule_devmgr::backend::DeviceBackend;
+    use capsule_device_api::DeviceBackend;
     use capsule_hypervisor::VmBuilder;
     init_tracing();
     let dir = tempfile::Builder::new().prefix("caphv").tempdir()?;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use capsule_devmgr::backend::{DeviceBackend, UnplugOutcome};
-use capsule_devmgr::device::{BlockDriver, DeviceKind};
+use capsule_device_api::{BlockDriver, DeviceKind};
+use capsule_device_api::{DeviceBackend, UnplugOutcome};
 use capsule_hypervisor::{VmDescription, VmDevices};
 
 use common::*;
@@ -52,7 +52,7 @@ async fn second_process_lists_and_unplugs_devices() -> Result<()> {
     .await?;
 
     // The description on disk is what a restarted runtime finds.
-    let desc_path = vm.config.description_path();
+    let desc_path = description_path(&vm.config);
     let desc = VmDescription::load(&desc_path)?;
     assert_eq!(desc.pid, vm.vm.pid());
     assert_eq!(

@@ -30,7 +30,7 @@ impl MethodHandler for VmDevices {
                 res.set_status(ttrpc::get_status(ttrpc::Code::OK, ""));
                 res.payload = serde_json::to_vec(&v).unwrap_or_default();
             }
-            Err(e) => res.set_status(ttrpc::get_status(e.kind.code(), e.message)),
+            Err(e) => res.set_status(ttrpc::get_status(e.kind().code(), e.to_string())),
         }
         Ok(res)
     }

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::state::{self, BundleRecord, ContainersFile, ProcRef, SandboxPaths, VmRecord};
+use crate::state::{self, BundleRecord, ProcRef, SandboxPaths, SandboxRecord};
 
 /// Processes as cleanup sees them (the real `/proc`, or a fake in tests).
 pub trait ProcessTable: Send + Sync {
@@ -216,7 +216,11 @@ pub fn find_sandbox_processes(procs: &dyn ProcessTable, dir: &Path) -> Vec<(Stri
 /// Whether the shim owning `paths` still runs: it holds the device state
 /// lock for its whole life, and its recorded pid/start time must match a
 /// live (non-zombie) process.
-pub fn shim_alive(paths: &SandboxPaths, vm: Option<&VmRecord>, procs: &dyn ProcessTable) -> bool {
+pub fn shim_alive(
+    paths: &SandboxPaths,
+    vm: Option<&SandboxRecord>,
+    procs: &dyn ProcessTable,
+) -> bool {
     let recorded = vm
         .and_then(|v| v.shim)
         .filter(|s| s.pid != std::process::id())
@@ -246,20 +250,13 @@ pub async fn teardown(
     timing: KillTiming,
 ) -> Report {
     let mut report = Report::default();
-    let vm = match state::load::<VmRecord>(&paths.vm_file()) {
+    let vm = match state::load::<SandboxRecord>(&paths.sandbox_file()) {
         Ok(v) => v,
         Err(e) => {
             report.failed(format!(
                 "{e}; finding the sandbox's processes by command line instead"
             ));
             None
-        }
-    };
-    let containers = match state::load::<ContainersFile>(&paths.containers_file()) {
-        Ok(c) => c.unwrap_or_default(),
-        Err(e) => {
-            report.failed(e.to_string());
-            ContainersFile::default()
         }
     };
     // QEMU first (it holds the vhost-user connection of virtiofsd).
@@ -290,9 +287,9 @@ pub async fn teardown(
     }
 
     // Mounts: every container's rootfs in its bundle, then the share.
-    let mut rootfs: Vec<PathBuf> = containers
-        .containers
-        .values()
+    let mut rootfs: Vec<PathBuf> = vm
+        .iter()
+        .flat_map(|v| v.containers.values())
         .map(|c| c.bundle.join("rootfs"))
         .chain(bundles.iter().map(|b| b.join("rootfs")))
         .collect();
@@ -373,11 +370,12 @@ pub async fn delete_container(
         report.merge(remove_dead_socket(bundle));
         return report;
     }
-    let vm = state::load::<VmRecord>(&paths.vm_file()).ok().flatten();
-    let listed = match state::load::<ContainersFile>(&paths.containers_file()) {
-        Ok(c) => c.is_some_and(|c| c.containers.contains_key(id)),
+    let loaded = state::load::<SandboxRecord>(&paths.sandbox_file());
+    let listed = match &loaded {
+        Ok(r) => r.as_ref().is_some_and(|r| r.containers.contains_key(id)),
         Err(_) => true,
     };
+    let vm = loaded.ok().flatten();
     let mut alive = shim_alive(&paths, vm.as_ref(), procs);
     if alive && listed {
         // containerd calls delete as soon as the shim's connection drops:
@@ -515,34 +513,24 @@ mod tests {
         }
     }
 
-    fn sandbox(dir: &Path) -> (SandboxPaths, VmRecord) {
+    fn sandbox(dir: &Path) -> (SandboxPaths, SandboxRecord) {
         let paths = SandboxPaths::new(dir, "sb1");
         std::fs::create_dir_all(paths.shared_dir()).unwrap();
-        let vm = VmRecord {
-            version: state::STATE_VERSION,
-            sandbox_id: "sb1".into(),
-            shim: Some(ProcRef {
-                pid: 10,
-                start_time: 100,
-            }),
-            shim_address: None,
-            shared_dir: paths.shared_dir(),
-            shared_mounted: false,
-            virtiofsd: Some(ProcRef {
-                pid: 30,
-                start_time: 300,
-            }),
-            virtiofsd_socket: paths.virtiofsd_socket(),
-            run_dir: paths.run_dir(),
-            qemu_pidfile: paths.run_dir().join("qemu.pid"),
-            qemu: None,
-            manager: state::ManagerRecord {
-                block_driver: capsule_devmgr::BlockDriver::VirtioScsi,
-                pci_slots: (6, 32),
-                pmem_slots: (0, 4),
-            },
-        };
-        state::save(&paths.vm_file(), &vm).unwrap();
+        let mut vm = SandboxRecord::new("sb1");
+        vm.shim = Some(ProcRef {
+            pid: 10,
+            start_time: 100,
+        });
+        vm.virtiofsd = Some(ProcRef {
+            pid: 30,
+            start_time: 300,
+        });
+        vm.manager = Some(state::ManagerRecord {
+            block_driver: capsule_devmgr::BlockDriver::VirtioScsi,
+            pci_slots: (6, 32),
+            pmem_slots: (0, 4),
+        });
+        state::save(&paths.sandbox_file(), &vm).unwrap();
         (paths, vm)
     }
 
@@ -593,7 +581,7 @@ mod tests {
         fake.add(
             60,
             600,
-            &["cat", &paths.vm_file().display().to_string()],
+            &["cat", &paths.sandbox_file().display().to_string()],
             false,
         );
         // A storage daemon naming the directory is not a sandbox process.
@@ -649,7 +637,7 @@ mod tests {
     async fn corrupt_state_still_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let (paths, _) = sandbox(dir.path());
-        std::fs::write(paths.vm_file(), "{ not json").unwrap();
+        std::fs::write(paths.sandbox_file(), "{ not json").unwrap();
         let fake = Fake::default();
         let qmp = format!("path={}/vm/qmp.sock", paths.dir.display());
         fake.add(40, 400, &["qemu-system-x86_64", "-chardev", &qmp], false);
@@ -671,7 +659,7 @@ mod tests {
             pid: me.pid + 1,
             start_time: 7,
         });
-        state::save(&paths.vm_file(), &vm).unwrap();
+        state::save(&paths.sandbox_file(), &vm).unwrap();
         let _lock = capsule_devmgr::FileStore::open(&paths.dir).unwrap();
         let fake = Fake::default();
         fake.add(me.pid + 1, 7, &["containerd-shim-capsule-v2"], false);

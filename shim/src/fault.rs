@@ -14,7 +14,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use capsule_devmgr::{AttachRequest, BackendError, DeviceBackend, GuestAddress, UnplugOutcome};
+use capsule_devmgr::{
+    AttachRequest, BackendError, Checkpoint, CheckpointHook, DeviceBackend, GuestAddress,
+    UnplugOutcome,
+};
 
 /// Every phase, in the order a container's life reaches them.
 pub const PHASES: &[&str] = &[
@@ -198,6 +201,14 @@ impl<B: DeviceBackend + ?Sized> FaultPoints<B> {
     }
 }
 
+/// The device manager's checkpoints as fault points.
+pub fn checkpoints() -> CheckpointHook {
+    Arc::new(|c| match c {
+        Checkpoint::DeviceRecorded => point("attach.device-recorded"),
+        Checkpoint::Unplugged => point("detach.unplugged"),
+    })
+}
+
 /// `backend` with the fault points (what the shim hands its device
 /// manager).
 pub fn wrap<B: DeviceBackend + ?Sized>(backend: Arc<B>) -> Arc<FaultPoints<B>> {
@@ -237,8 +248,7 @@ mod tests {
         ("service/create.rs", include_str!("service/create.rs")),
         ("service/ops.rs", include_str!("service/ops.rs")),
         ("service/mod.rs", include_str!("service/mod.rs")),
-        ("sandbox/devices.rs", include_str!("sandbox/devices.rs")),
-        ("sandbox/qemu.rs", include_str!("sandbox/qemu.rs")),
+        ("sandbox/qemu/mod.rs", include_str!("sandbox/qemu/mod.rs")),
     ];
 
     fn used() -> Vec<(String, &'static str)> {
@@ -290,9 +300,10 @@ mod tests {
             host_path: format!("/dev/{n}").into(),
             kind: capsule_devmgr::DeviceKind::Block,
         };
-        let cold = mgr.new_device(dev("cold0")).unwrap();
+        let owner = capsule_devmgr::Owner::runtime("test");
+        let cold = mgr.new_device(owner.clone(), dev("cold0")).unwrap();
         mgr.coldplug(&cold).await.unwrap();
-        let id = mgr.new_device(dev("hot0")).unwrap();
+        let id = mgr.new_device(owner, dev("hot0")).unwrap();
         mgr.attach(&id).await.unwrap();
         assert_eq!(rec.plugged().len(), 2);
         mgr.detach(&id).await.unwrap();

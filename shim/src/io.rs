@@ -563,7 +563,7 @@ mod tests {
             "file:///bad%zz",
         ] {
             let e = parse_target(bad).unwrap_err();
-            assert!(e.message.contains(bad), "{bad}: {e}");
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
         }
     }
 

@@ -1,85 +1,57 @@
-//! Persisted state.
+//! Persisted state: one layout, one versioning scheme, one atomic writer
+//! (`capsule-state-file`).
 //!
-//! Per sandbox, `<state_dir>/sandboxes/<id>/`:
-//! - `devices.json` (+ `devices.lock`): the device manager's [`FileStore`],
-//!   locked by the shim for its whole life;
-//! - `vm.json` ([`VmRecord`]): the shim, QEMU and virtiofsd processes (pid
-//!   **and** start time), sockets and paths;
-//! - `containers.json` ([`ContainersFile`]): the containers, their bundles,
-//!   what of them is mounted and which devices they use.
+//! ```text
+//! <state_dir>/                      0700
+//!   sandboxes/<id>/                 0700
+//!     sandbox.json                  0600  SandboxRecord: the shim, virtiofsd and
+//!                                         QEMU processes (pid + start time), the
+//!                                         VM description, the containers
+//!     devices.json, devices.lock    0600  the device manager: every device, its
+//!                                         owners (containers, the runtime),
+//!                                         counts and guest addresses
+//!     shared/                       0700  the virtio-fs share (rootfs, mounts)
+//!     vm/                           0700  QEMU: qmp.sock, agent.sock, console.log,
+//!                                         qemu.stderr, qemu.pid (0600)
+//!     virtiofsd.sock, virtiofsd.log 0600
+//! <bundle>/capsule.json             0600  BundleRecord: which sandbox and state
+//!                                         directory a container belongs to
+//! ```
 //!
-//! Per container, in its bundle: `capsule.json` ([`BundleRecord`]): which
-//! sandbox and state directory it belongs to, so `delete` finds them.
-//!
-//! Every file is versioned and written atomically (temp file, fsync,
-//! rename, fsync of the directory); a file that does not parse, or has
-//! another version, is refused with a message naming it, never repaired.
-//!
-//! [`FileStore`]: capsule_devmgr::FileStore
+//! Every file is a versioned JSON object replaced atomically (temp file,
+//! fsync, rename, fsync of the directory); a file that does not parse, or
+//! has another version, is refused with a message naming it and is never
+//! overwritten. Which container uses which device is recorded only in
+//! `devices.json`.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use capsule_devmgr::BlockDriver;
 use capsule_hypervisor::VmDescription;
+use capsule_state_file::Versioned;
 
 use crate::error::{Error, Result};
 
-pub const VM_FILE: &str = "vm.json";
-pub const CONTAINERS_FILE: &str = "containers.json";
+pub const SANDBOX_FILE: &str = "sandbox.json";
 pub const BUNDLE_FILE: &str = "capsule.json";
 pub const SHARED_DIR: &str = "shared";
 pub const RUN_DIR: &str = "vm";
 pub const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 pub const VIRTIOFSD_LOG: &str = "virtiofsd.log";
-pub const STATE_VERSION: u32 = 1;
+/// The version of every shim state file this build reads and writes.
+pub const STATE_VERSION: u32 = 2;
 
-/// A file with a `version` field, written atomically.
-pub trait Versioned: Serialize + DeserializeOwned {
-    const WHAT: &'static str;
-    fn version(&self) -> u32;
-}
-
-/// Loads `path`: `Ok(None)` when it does not exist; an error naming the file
-/// when it is unreadable, corrupt or of another version.
+/// Loads a state file: `Ok(None)` when it does not exist; an error naming
+/// the file when it is unreadable, corrupt or of another version.
 pub fn load<T: Versioned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(crate::error::io(format!("reading {}", path.display()), e)),
-    };
-    #[derive(Deserialize)]
-    struct Probe {
-        version: u32,
-    }
-    let corrupt = |e: serde_json::Error| {
-        Error::internal(format!(
-            "{} {} is corrupt ({e}); refusing to use it (inspect it, or remove the sandbox with `capsule cleanup`)",
-            T::WHAT,
-            path.display()
-        ))
-    };
-    let probe: Probe = serde_json::from_slice(&bytes).map_err(corrupt)?;
-    if probe.version != STATE_VERSION {
-        return Err(Error::internal(format!(
-            "{} {} has version {}, this build reads version {STATE_VERSION}",
-            T::WHAT,
-            path.display(),
-            probe.version
-        )));
-    }
-    serde_json::from_slice(&bytes).map(Some).map_err(corrupt)
+    capsule_state_file::load(path).map_err(Error::from)
 }
 
-/// Writes `value` to `path` atomically.
+/// Writes a state file atomically (0600).
 pub fn save<T: Versioned>(path: &Path, value: &T) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::internal(format!("encoding {}: {e}", T::WHAT)))?;
-    bytes.push(b'\n');
-    capsule_devmgr::state::write_file_atomic(path, &bytes)
-        .map_err(|e| Error::internal(format!("saving {} {}: {e}", T::WHAT, path.display())))
+    capsule_state_file::save(path, value).map_err(Error::from)
 }
 
 /// A process identified by pid **and** start time (field 22 of
@@ -126,38 +98,6 @@ impl ManagerRecord {
     }
 }
 
-/// `vm.json`: the sandbox's processes and paths.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmRecord {
-    pub version: u32,
-    pub sandbox_id: String,
-    /// The shim serving the sandbox.
-    pub shim: Option<ProcRef>,
-    /// Its ttrpc address (for `capsule inspect` while it runs).
-    pub shim_address: Option<String>,
-    pub shared_dir: PathBuf,
-    /// The shared dir is bind-mounted onto itself with shared propagation.
-    pub shared_mounted: bool,
-    pub virtiofsd: Option<ProcRef>,
-    pub virtiofsd_socket: PathBuf,
-    /// QEMU's run directory (its sockets, pidfile, logs).
-    pub run_dir: PathBuf,
-    /// QEMU's pidfile: what cleanup uses when the shim died before QEMU's
-    /// description was saved.
-    pub qemu_pidfile: PathBuf,
-    /// Set once QEMU runs.
-    pub qemu: Option<VmDescription>,
-    pub manager: ManagerRecord,
-}
-
-impl Versioned for VmRecord {
-    const WHAT: &'static str = "sandbox VM record";
-    fn version(&self) -> u32 {
-        self.version
-    }
-}
-
 /// What of a container exists on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -170,6 +110,8 @@ pub enum ContainerStatus {
     Stopped,
 }
 
+/// A container of the sandbox: what of it is on the host. Its devices are
+/// in `devices.json`, owned by it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerRecord {
@@ -180,30 +122,48 @@ pub struct ContainerRecord {
     pub rootfs_mounted: bool,
     /// Mount points in the shared directory (rootfs bind, bind mounts).
     pub share_mounts: Vec<PathBuf>,
-    /// Device manager ids of the devices the container uses, with the
-    /// container path of each use.
-    pub devices: Vec<ContainerDevice>,
 }
 
+/// `sandbox.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerDevice {
-    pub id: String,
-    pub container_path: PathBuf,
-}
-
-/// `containers.json`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ContainersFile {
+pub struct SandboxRecord {
     pub version: u32,
+    pub sandbox_id: String,
+    /// The shim serving the sandbox.
+    pub shim: Option<ProcRef>,
+    /// Its ttrpc address (for `capsule inspect` while it runs).
+    pub shim_address: Option<String>,
+    /// The shared dir is bind-mounted onto itself with shared propagation.
+    pub shared_mounted: bool,
+    pub virtiofsd: Option<ProcRef>,
+    /// Set once QEMU runs: the one persisted copy of its description.
+    pub qemu: Option<VmDescription>,
+    /// How the device manager was configured (its state loads only with
+    /// the same configuration); set before the first device.
+    pub manager: Option<ManagerRecord>,
     pub containers: BTreeMap<String, ContainerRecord>,
 }
 
-impl Versioned for ContainersFile {
-    const WHAT: &'static str = "sandbox container list";
-    fn version(&self) -> u32 {
-        self.version
+impl SandboxRecord {
+    pub fn new(sandbox_id: &str) -> Self {
+        Self {
+            version: STATE_VERSION,
+            sandbox_id: sandbox_id.to_string(),
+            shim: None,
+            shim_address: None,
+            shared_mounted: false,
+            virtiofsd: None,
+            qemu: None,
+            manager: None,
+            containers: BTreeMap::new(),
+        }
     }
+}
+
+impl Versioned for SandboxRecord {
+    const WHAT: &'static str = "sandbox state";
+    const VERSION: u32 = STATE_VERSION;
 }
 
 /// `capsule.json` in a container's bundle.
@@ -220,9 +180,7 @@ pub struct BundleRecord {
 
 impl Versioned for BundleRecord {
     const WHAT: &'static str = "bundle record";
-    fn version(&self) -> u32 {
-        self.version
-    }
+    const VERSION: u32 = STATE_VERSION;
 }
 
 /// Paths of one sandbox's state directory.
@@ -237,11 +195,8 @@ impl SandboxPaths {
             dir: state_dir.join("sandboxes").join(id),
         }
     }
-    pub fn vm_file(&self) -> PathBuf {
-        self.dir.join(VM_FILE)
-    }
-    pub fn containers_file(&self) -> PathBuf {
-        self.dir.join(CONTAINERS_FILE)
+    pub fn sandbox_file(&self) -> PathBuf {
+        self.dir.join(SANDBOX_FILE)
     }
     pub fn devices_file(&self) -> PathBuf {
         self.dir.join(capsule_devmgr::state::STATE_FILE)
@@ -261,35 +216,49 @@ impl SandboxPaths {
     pub fn virtiofsd_log(&self) -> PathBuf {
         self.dir.join(VIRTIOFSD_LOG)
     }
+    /// QEMU's pidfile (what cleanup uses when the shim died before QEMU's
+    /// description was saved).
+    pub fn qemu_pidfile(&self) -> PathBuf {
+        self.run_dir().join("qemu.pid")
+    }
 }
 
-/// The live shim's writer of `containers.json`: every change is saved
-/// before it is reported; a failed save leaves memory as the file is.
+/// The live shim's writer of `sandbox.json`: every change is saved before
+/// it is reported; a failed save leaves memory as the file is.
 #[derive(Debug)]
-pub struct ContainerStore {
+pub struct SandboxStore {
     path: PathBuf,
-    file: std::sync::Mutex<ContainersFile>,
+    record: std::sync::Mutex<SandboxRecord>,
 }
 
-impl ContainerStore {
-    /// Opens the list in `paths.dir` (creating the directory), loading what
-    /// is there; a corrupt file is refused.
-    pub fn open(paths: &SandboxPaths) -> Result<Self> {
-        std::fs::create_dir_all(&paths.dir)
+impl SandboxStore {
+    /// Opens the record in `paths.dir` (creating the private directory),
+    /// loading what is there or starting `sandbox_id`'s; a corrupt file is
+    /// refused, never overwritten.
+    pub fn open(paths: &SandboxPaths, sandbox_id: &str) -> Result<Self> {
+        capsule_state_file::create_private_dir(&paths.dir)
             .map_err(|e| crate::error::io(format!("creating {}", paths.dir.display()), e))?;
-        let path = paths.containers_file();
-        let file = load::<ContainersFile>(&path)?.unwrap_or(ContainersFile {
-            version: STATE_VERSION,
-            containers: BTreeMap::new(),
-        });
+        let path = paths.sandbox_file();
+        let record = match load::<SandboxRecord>(&path)? {
+            Some(r) if r.sandbox_id != sandbox_id => {
+                return Err(Error::internal(format!(
+                    "{} belongs to sandbox {}, not {sandbox_id}",
+                    path.display(),
+                    r.sandbox_id
+                )))
+            }
+            Some(r) => r,
+            None => SandboxRecord::new(sandbox_id),
+        };
         Ok(Self {
             path,
-            file: std::sync::Mutex::new(file),
+            record: std::sync::Mutex::new(record),
         })
     }
 
-    fn update(&self, f: impl FnOnce(&mut ContainersFile)) -> Result<()> {
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+    /// Applies `f` and saves; on a failed save memory stays as before.
+    pub fn update(&self, f: impl FnOnce(&mut SandboxRecord)) -> Result<()> {
+        let mut guard = self.record.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = guard.clone();
         f(&mut next);
         save(&self.path, &next)?;
@@ -297,7 +266,7 @@ impl ContainerStore {
         Ok(())
     }
 
-    pub fn put(&self, rec: &ContainerRecord) -> Result<()> {
+    pub fn put_container(&self, rec: &ContainerRecord) -> Result<()> {
         let rec = rec.clone();
         self.update(|f| {
             f.containers.insert(rec.id.clone(), rec);
@@ -307,13 +276,7 @@ impl ContainerStore {
     /// Changes the status of a listed container; a container no longer
     /// listed (deleted meanwhile) stays unlisted.
     pub fn set_status(&self, id: &str, status: ContainerStatus) -> Result<()> {
-        if !self
-            .file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .containers
-            .contains_key(id)
-        {
+        if !self.snapshot().containers.contains_key(id) {
             return Ok(());
         }
         self.update(|f| {
@@ -323,14 +286,17 @@ impl ContainerStore {
         })
     }
 
-    pub fn remove(&self, id: &str) -> Result<()> {
+    pub fn remove_container(&self, id: &str) -> Result<()> {
         self.update(|f| {
             f.containers.remove(id);
         })
     }
 
-    pub fn snapshot(&self) -> ContainersFile {
-        self.file.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn snapshot(&self) -> SandboxRecord {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -355,12 +321,9 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn record() -> ContainersFile {
-        let mut f = ContainersFile {
-            version: STATE_VERSION,
-            ..Default::default()
-        };
-        f.containers.insert(
+    fn record() -> SandboxRecord {
+        let mut r = SandboxRecord::new("sb1");
+        r.containers.insert(
             "c1".into(),
             ContainerRecord {
                 id: "c1".into(),
@@ -368,38 +331,47 @@ mod tests {
                 status: ContainerStatus::Creating,
                 rootfs_mounted: true,
                 share_mounts: vec!["/s/c1/rootfs".into()],
-                devices: vec![ContainerDevice {
-                    id: "dev0".into(),
-                    container_path: "/dev/xvda".into(),
-                }],
             },
         );
-        f
+        r
     }
 
     #[test]
     fn round_trip_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join(CONTAINERS_FILE);
-        assert_eq!(load::<ContainersFile>(&p).unwrap(), None);
+        let p = dir.path().join(SANDBOX_FILE);
+        assert_eq!(load::<SandboxRecord>(&p).unwrap(), None);
         save(&p, &record()).unwrap();
-        assert_eq!(load::<ContainersFile>(&p).unwrap(), Some(record()));
+        assert_eq!(load::<SandboxRecord>(&p).unwrap(), Some(record()));
         let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(&p, text.replace("\"version\": 1", "\"version\": 7")).unwrap();
-        let e = load::<ContainersFile>(&p).unwrap_err();
-        assert!(
-            e.message.contains("version 7") && e.message.contains("containers.json"),
-            "{e}"
-        );
+        std::fs::write(&p, text.replace("\"version\": 2", "\"version\": 7")).unwrap();
+        let e = load::<SandboxRecord>(&p).unwrap_err().to_string();
+        assert!(e.contains("version 7") && e.contains("sandbox.json"), "{e}");
         std::fs::write(&p, &text[..text.len() / 2]).unwrap();
-        let e = load::<ContainersFile>(&p).unwrap_err();
-        assert!(e.message.contains("corrupt"), "{e}");
+        let e = load::<SandboxRecord>(&p).unwrap_err().to_string();
+        assert!(e.contains("corrupt"), "{e}");
         std::fs::write(
             &p,
             text.replace("\"rootfs_mounted\"", "\"bogus\": 1, \"rootfs_mounted\""),
         )
         .unwrap();
-        assert!(load::<ContainersFile>(&p).is_err());
+        assert!(load::<SandboxRecord>(&p).is_err());
+    }
+
+    #[test]
+    fn store_refuses_another_sandbox_and_corrupt_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SandboxPaths::new(dir.path(), "sb1");
+        let store = SandboxStore::open(&paths, "sb1").unwrap();
+        store.put_container(&record().containers["c1"]).unwrap();
+        store.set_status("c1", ContainerStatus::Running).unwrap();
+        let again = SandboxStore::open(&paths, "sb1").unwrap().snapshot();
+        assert_eq!(again.containers["c1"].status, ContainerStatus::Running);
+        let e = SandboxStore::open(&paths, "sb2").unwrap_err().to_string();
+        assert!(e.contains("belongs to sandbox sb1"), "{e}");
+        std::fs::write(paths.sandbox_file(), "{").unwrap();
+        assert!(SandboxStore::open(&paths, "sb1").is_err());
+        assert_eq!(std::fs::read(paths.sandbox_file()).unwrap(), b"{");
     }
 
     #[test]

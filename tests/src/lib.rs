@@ -715,14 +715,15 @@ path = "{virtiofsd}"
         r.with_context(|| format!("leftovers: {last:#?}\n{}", self.containerd_log_tail()))
     }
 
-    /// The shim serving sandbox `id` (from its vm.json).
+    /// The shim serving sandbox `id` (from its sandbox.json).
     pub fn shim_pid(&self, sandbox: &str) -> Option<u32> {
-        let v = self.vm_record(sandbox)?;
+        let v = self.sandbox_record(sandbox)?;
         v["shim"]["pid"].as_u64().map(|p| p as u32)
     }
 
-    pub fn vm_record(&self, sandbox: &str) -> Option<serde_json::Value> {
-        let b = std::fs::read(self.sandbox_dir(sandbox).join("vm.json")).ok()?;
+    /// The sandbox's `sandbox.json` (processes, VM description, containers).
+    pub fn sandbox_record(&self, sandbox: &str) -> Option<serde_json::Value> {
+        let b = std::fs::read(self.sandbox_dir(sandbox).join("sandbox.json")).ok()?;
         serde_json::from_slice(&b).ok()
     }
 

@@ -97,9 +97,9 @@ fn metrics_and_pause_resume() -> Result<()> {
     // Update (ctr 1.6 has no `task update`: straight to the shim) reaches
     // the guest cgroup.
     let addr = env
-        .vm_record("c4")
+        .sandbox_record("c4")
         .and_then(|v| v["shim_address"].as_str().map(String::from));
-    let addr = addr.context("no shim address in vm.json")?;
+    let addr = addr.context("no shim address in sandbox.json")?;
     use capsule_shim::protos::protobuf::Message;
     let req = capsule_shim::protos::api::UpdateTaskRequest {
         id: "c4".into(),
@@ -366,7 +366,7 @@ fn sigkill_of_the_shim_during_a_run_is_cleaned_up() -> Result<()> {
     let o = env.run(&["-d"], "k1", &["sleep", "1000"])?;
     ensure!(o.status.success(), "{}", text(&o));
     wait_status(&env, "k1", "RUNNING")?;
-    let pid = env.shim_pid("k1").context("no shim pid in vm.json")?;
+    let pid = env.shim_pid("k1").context("no shim pid in sandbox.json")?;
     sigkill(pid);
     // containerd notices the dead shim and runs `delete`.
     env.assert_clean(CLEAN)?;
@@ -408,7 +408,7 @@ fn sigkill_of_the_shim_during_a_hotplug_is_cleaned_up() -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let killed = loop {
         let devs = json_devices(&env, "h1");
-        let creating = std::fs::read_to_string(env.sandbox_dir("h1").join("containers.json"))
+        let creating = std::fs::read_to_string(env.sandbox_dir("h1").join("sandbox.json"))
             .is_ok_and(|s| s.contains("\"creating\""));
         let ours = devs.iter().find(|d| d["host_path"] == dev.as_str());
         if let (true, Some(d)) = (creating, ours) {
@@ -540,7 +540,7 @@ fn capsule_check_list_and_cleanup() -> Result<()> {
     // after the shim.
     env.kill_containerd();
     sigkill(pid);
-    // With the shim gone, inspect reconnects to QEMU itself (from vm.json).
+    // With the shim gone, inspect reconnects to QEMU itself (from sandbox.json).
     wait_for("the shim to exit", Duration::from_secs(10), || {
         (!capsule_tests::processes().iter().any(|(p, _)| *p == pid)).then_some(())
     })?;
@@ -572,7 +572,7 @@ fn capsule_check_list_and_cleanup() -> Result<()> {
 #[test]
 fn delete_after_a_reboot_leaves_reused_pids_alone() -> Result<()> {
     use capsule_shim::state::{
-        self as st, BundleRecord, ManagerRecord, ProcRef, SandboxPaths, VmRecord,
+        self as st, BundleRecord, ManagerRecord, ProcRef, SandboxPaths, SandboxRecord,
     };
     let _s = serial();
     let ready = capsule_tests::require_ready();
@@ -592,25 +592,16 @@ fn delete_after_a_reboot_leaves_reused_pids_alone() -> Result<()> {
         pid,
         start_time: start + 1,
     };
-    let vm = VmRecord {
-        version: st::STATE_VERSION,
-        sandbox_id: "rb1".into(),
-        shim: Some(stale),
-        shim_address: None,
-        shared_dir: paths.shared_dir(),
-        shared_mounted: true,
-        virtiofsd: Some(stale),
-        virtiofsd_socket: paths.virtiofsd_socket(),
-        run_dir: paths.run_dir(),
-        qemu_pidfile: paths.run_dir().join("qemu.pid"),
-        qemu: None,
-        manager: ManagerRecord {
-            block_driver: capsule_devmgr::BlockDriver::VirtioScsi,
-            pci_slots: (6, 32),
-            pmem_slots: (0, 4),
-        },
-    };
-    st::save(&paths.vm_file(), &vm)?;
+    let mut vm = SandboxRecord::new("rb1");
+    vm.shim = Some(stale);
+    vm.shared_mounted = true;
+    vm.virtiofsd = Some(stale);
+    vm.manager = Some(ManagerRecord {
+        block_driver: capsule_devmgr::BlockDriver::VirtioScsi,
+        pci_slots: (6, 32),
+        pmem_slots: (0, 4),
+    });
+    st::save(&paths.sandbox_file(), &vm)?;
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(bundle.join("rootfs"))?;
     st::save(

@@ -100,7 +100,7 @@ impl Drop for Bg {
 }
 
 fn vm_pid(env: &Env, id: &str, which: &str) -> Option<u32> {
-    let v = env.vm_record(id)?;
+    let v = env.sandbox_record(id)?;
     v[which]["pid"].as_u64().map(|p| p as u32)
 }
 
@@ -152,9 +152,9 @@ fn qemu_killed_while_create_waits_for_the_agent() -> Result<()> {
             "1000",
         ],
     )?;
-    // QEMU is recorded in vm.json right after it started, before the agent
+    // QEMU is recorded in sandbox.json right after it started, before the agent
     // wait: kill it the moment it shows up.
-    let pid = wait_for("QEMU in vm.json", Duration::from_secs(120), || {
+    let pid = wait_for("QEMU in sandbox.json", Duration::from_secs(120), || {
         vm_pid(&env, id, "qemu")
     })?;
     ensure!(ctr.running(), "ctr finished before QEMU could be killed");
@@ -338,7 +338,7 @@ fn qemu_killed_during_a_device_hotplug() -> Result<()> {
     let mut ctr = run_with_node(&env, id, &cfg, &node)?;
     // QEMU talking to the backend = QEMU inside device_add.
     backend.wait_event("qemu", Duration::from_secs(180))?;
-    let pid = vm_pid(&env, id, "qemu").context("no QEMU in vm.json")?;
+    let pid = vm_pid(&env, id, "qemu").context("no QEMU in sandbox.json")?;
     sigkill(pid);
     let killed = Instant::now();
     let bound = VM_STOP + SLACK;
@@ -376,7 +376,7 @@ fn virtiofsd_killed_while_a_container_runs() -> Result<()> {
     wait_for("the task to run", Duration::from_secs(180), || {
         (env.task_status(id).as_deref() == Some("RUNNING")).then_some(())
     })?;
-    let pid = vm_pid(&env, id, "virtiofsd").context("no virtiofsd in vm.json")?;
+    let pid = vm_pid(&env, id, "virtiofsd").context("no virtiofsd in sandbox.json")?;
     sigkill(pid);
     let killed = Instant::now();
     let done = ctr.wait(VM_STOP + SLACK)?;

@@ -379,7 +379,7 @@ fn iteration(
 
     delete(env, &id).with_context(|| format!("deleting {id}"))?;
     check_state(env, Some(pod), &[]).with_context(|| format!("{id} deleted"))?;
-    let file = env.sandbox_dir(POD).join("containers.json");
+    let file = env.sandbox_dir(POD).join("sandbox.json");
     let c: Value = serde_json::from_slice(&std::fs::read(&file)?)
         .with_context(|| format!("parsing {}", file.display()))?;
     let ids: Vec<&String> = c["containers"]
@@ -612,11 +612,11 @@ fn soak_one_pod_many_containers_with_devices() -> Result<()> {
         env.containerd_log_tail()
     );
     wait_status(&env, POD, "RUNNING")?;
-    let shim = env.shim_pid(POD).context("no shim pid in vm.json")?;
+    let shim = env.shim_pid(POD).context("no shim pid in sandbox.json")?;
     let qemu = env
-        .vm_record(POD)
+        .sandbox_record(POD)
         .and_then(|v| v["qemu"]["pid"].as_u64())
-        .context("no QEMU pid in vm.json")? as u32;
+        .context("no QEMU pid in sandbox.json")? as u32;
     let pids = Pids { shim, qemu };
     let pod: Vec<String> = check_state(&env, None, &[])
         .context("the pod before any container")?

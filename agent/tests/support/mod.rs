@@ -283,7 +283,6 @@ pub fn agent_device(
         (K::Generic, _) => (DeviceKind::DEVICE_KIND_GENERIC, String::new()),
         (K::Block, A::Pci(p)) => (DeviceKind::DEVICE_KIND_BLK_PCI, p.to_string()),
         (K::Block, A::Scsi(a)) => (DeviceKind::DEVICE_KIND_SCSI, a.to_string()),
-        (K::Block, A::Mmio(n)) => (DeviceKind::DEVICE_KIND_BLK_MMIO, n.clone()),
         (K::Block | K::Pmem, A::Pmem(n)) => (DeviceKind::DEVICE_KIND_PMEM, n.to_string()),
         (
             K::VhostUser {

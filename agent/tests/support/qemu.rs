@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use capsule_devmgr::backend::{AttachRequest, BackendError, DeviceBackend, UnplugOutcome};
 use capsule_devmgr::device::VhostUserKind;
+use capsule_devmgr::testing::ManagerTestExt;
+use capsule_devmgr::{AttachRequest, BackendError, DeviceBackend, UnplugOutcome};
 use capsule_devmgr::{
     BlockDriver, DeviceId, DeviceKind, DeviceManager, GuestAddress, HostDevice, ManagerConfig,
     NullStore,
@@ -172,7 +173,7 @@ impl Vm {
         .unwrap();
 
         let share = blk
-            .new_device(HostDevice {
+            .add(HostDevice {
                 info: None,
                 host_path: shared.clone(),
                 kind: DeviceKind::VhostUser {
@@ -188,7 +189,7 @@ impl Vm {
         let mut coldplugged = Vec::new();
         for dev in opts.coldplug {
             let what = format!("{:?}", dev.host_path);
-            let id = blk.new_device(dev).unwrap();
+            let id = blk.add(dev).unwrap();
             let addr = blk
                 .coldplug(&id)
                 .await

@@ -6,11 +6,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use capsule_device_api::{AttachRequest, Needs};
+
 use crate::alloc::{virtio_drive_name, Space};
-use crate::backend::AttachRequest;
 use crate::device::{
-    BlockDriver, DevType, DeviceInfo, DeviceKind, GuestAddress, HostDevice, ScsiAddr, VhostUserKind,
+    BlockDriver, DevType, DeviceInfo, DeviceKind, GuestAddress, HostDevice, ScsiAddr,
 };
+use crate::owner::Owner;
 
 /// A device's id, displayed and persisted as `dev<N>`. Ids come from a
 /// persisted counter and are never reused within a sandbox.
@@ -116,6 +118,24 @@ impl Resources {
     }
 }
 
+/// One reference to a device: who holds it and, for a container, what its
+/// OCI request was (users of one device may differ in container path, mode
+/// and owner).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceUse {
+    pub owner: Owner,
+    /// The container's `linux.devices` entry; `None` for the runtime's uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<DeviceInfo>,
+}
+
+impl DeviceUse {
+    pub fn new(owner: Owner, request: Option<DeviceInfo>) -> Self {
+        Self { owner, request }
+    }
+}
+
 /// One device of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,10 +147,9 @@ pub struct DeviceRecord {
     /// Block driver, fixed when the record is created (block devices only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<BlockDriver>,
-    /// One entry per reference, oldest first: the OCI request of each user
-    /// (`None` for devices the runtime added itself). The reference count is
-    /// its length; users may differ in container path, mode and owner.
-    pub uses: Vec<Option<DeviceInfo>>,
+    /// One entry per reference, oldest first. The reference count is its
+    /// length.
+    pub uses: Vec<DeviceUse>,
     pub attach_count: u32,
     pub status: DeviceStatus,
     #[serde(default)]
@@ -152,35 +171,45 @@ impl DeviceRecord {
     /// Whether the device was opened read-only: the first user's setting
     /// (every user agrees; the manager refuses a use that does not).
     pub fn read_only(&self) -> bool {
-        self.uses.first().is_some_and(use_read_only)
+        self.uses.first().is_some_and(|u| use_read_only(&u.request))
     }
 
     /// The device as the first user asked for it.
     pub fn host_device(&self) -> HostDevice {
         HostDevice {
-            info: self.uses.first().cloned().flatten(),
+            info: self.first_request().cloned(),
             host_path: self.host_path.clone(),
             kind: self.kind.clone(),
         }
+    }
+
+    /// The first user's OCI request (`None`: the runtime's device).
+    pub fn first_request(&self) -> Option<&DeviceInfo> {
+        self.uses.first().and_then(|u| u.request.as_ref())
+    }
+
+    /// The uses of `owner`.
+    pub fn uses_of<'a>(&'a self, owner: &'a Owner) -> impl Iterator<Item = &'a DeviceUse> + 'a {
+        self.uses.iter().filter(move |u| &u.owner == owner)
     }
 
     /// Predicted virtio-blk name (`vdb`) for devices that show up as one
     /// (virtio-blk, virtio-mmio, vhost-user-blk). SCSI disks get none: the
     /// guest names them `sdX` in probe order and finds them by address.
     pub fn drive_name(&self) -> Option<String> {
-        let plan = Plan::of(&self.kind, self.driver);
+        let needs = Needs::of(&self.kind, self.driver);
         self.resources
             .block_index
-            .filter(|_| plan.drive_name)
+            .filter(|_| needs.drive_name)
             .map(virtio_drive_name)
     }
 
     /// SCSI address on the virtio-scsi controller (virtio-scsi disks only).
     pub fn scsi_addr(&self) -> Option<ScsiAddr> {
-        let plan = Plan::of(&self.kind, self.driver);
+        let needs = Needs::of(&self.kind, self.driver);
         self.resources
             .block_index
-            .filter(|_| plan.scsi)
+            .filter(|_| needs.scsi)
             .and_then(ScsiAddr::from_index)
     }
 
@@ -200,7 +229,7 @@ impl DeviceRecord {
     pub fn container_paths(&self) -> impl Iterator<Item = &Path> {
         self.uses
             .iter()
-            .flatten()
+            .filter_map(|u| u.request.as_ref())
             .map(|i| i.container_path.as_path())
     }
 
@@ -210,7 +239,7 @@ impl DeviceRecord {
             Some(self.id),
             &self.kind,
             &self.host_path,
-            self.uses.first().and_then(Option::as_ref),
+            self.first_request(),
         )
     }
 
@@ -232,7 +261,7 @@ impl DeviceRecord {
 
     /// Checks the record's own invariants (see [`DeviceStatus`]).
     pub fn check(&self) -> Result<(), String> {
-        let plan = Plan::of(&self.kind, self.driver);
+        let needs = Needs::of(&self.kind, self.driver);
         if self.uses.is_empty() {
             return Err("reference count is 0".into());
         }
@@ -251,22 +280,33 @@ impl DeviceRecord {
                 return Err("VFIO group has no functions".into());
             }
         }
+        if let Some(u) = self
+            .uses
+            .iter()
+            .find(|u| u.owner.is_container() != u.request.is_some())
+        {
+            return Err(format!(
+                "the use of {} {} an OCI request",
+                u.owner,
+                if u.request.is_some() {
+                    "carries"
+                } else {
+                    "lacks"
+                }
+            ));
+        }
         if self
             .uses
             .iter()
-            .any(|u| use_read_only(u) != self.read_only())
+            .any(|u| use_read_only(&u.request) != self.read_only())
         {
             return Err("users disagree on read-only".into());
         }
-        let key = DedupeKey::of(
-            &self.kind,
-            &self.host_path,
-            self.uses.first().and_then(Option::as_ref),
-        );
+        let key = DedupeKey::of(&self.kind, &self.host_path, self.first_request());
         if self
             .uses
             .iter()
-            .any(|u| DedupeKey::of(&self.kind, &self.host_path, u.as_ref()) != key)
+            .any(|u| DedupeKey::of(&self.kind, &self.host_path, u.request.as_ref()) != key)
         {
             return Err("users name different devices".into());
         }
@@ -290,13 +330,13 @@ impl DeviceRecord {
                 self.status
             ));
         }
-        if plan.generic && matches!(self.status, Attaching | Detaching | UnplugPending) {
+        if needs.generic && matches!(self.status, Attaching | Detaching | UnplugPending) {
             return Err(format!("generic devices are never {}", self.status));
         }
         let expected = if matches!(self.status, Detached) {
-            Plan::NONE
+            Needs::NONE
         } else {
-            plan
+            needs
         };
         let r = &self.resources;
         if r.block_index.is_some() != expected.block
@@ -314,7 +354,7 @@ impl DeviceRecord {
                 expected.pci_slots
             ));
         }
-        if plan.scsi && self.scsi_addr().is_none() && r.block_index.is_some() {
+        if needs.scsi && self.scsi_addr().is_none() && r.block_index.is_some() {
             return Err("block index has no SCSI address".into());
         }
         self.check_names()
@@ -330,7 +370,7 @@ impl DeviceRecord {
             DeviceKind::Vfio(g) => check_vfio_names(g)?,
             _ => {}
         }
-        for info in self.uses.iter().flatten() {
+        for info in self.uses.iter().filter_map(|u| u.request.as_ref()) {
             absolute("container path", &info.container_path)?;
             let canonical: String = "rwm"
                 .chars()
@@ -423,89 +463,6 @@ pub(crate) fn describe(
     s
 }
 
-/// What attaching a device takes, derived from its kind and driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Plan {
-    pub block: bool,
-    pub drive_name: bool,
-    pub scsi: bool,
-    pub pmem: bool,
-    pub pci_slots: usize,
-    /// Counted only, never sent to the backend.
-    pub generic: bool,
-    /// Can only be added before boot.
-    pub coldplug_only: bool,
-}
-
-impl Plan {
-    const NONE: Plan = Plan {
-        block: false,
-        drive_name: false,
-        scsi: false,
-        pmem: false,
-        pci_slots: 0,
-        generic: false,
-        coldplug_only: false,
-    };
-
-    pub fn of(kind: &DeviceKind, driver: Option<BlockDriver>) -> Plan {
-        let none = Plan::NONE;
-        match kind {
-            DeviceKind::Generic => Plan {
-                generic: true,
-                ..none
-            },
-            DeviceKind::Pmem => Plan { pmem: true, ..none },
-            DeviceKind::Block => match driver.unwrap_or_default() {
-                BlockDriver::VirtioScsi => Plan {
-                    block: true,
-                    scsi: true,
-                    ..none
-                },
-                BlockDriver::VirtioBlk => Plan {
-                    block: true,
-                    drive_name: true,
-                    pci_slots: 1,
-                    ..none
-                },
-                BlockDriver::VirtioMmio => Plan {
-                    block: true,
-                    drive_name: true,
-                    coldplug_only: true,
-                    ..none
-                },
-                BlockDriver::Nvdimm => Plan { pmem: true, ..none },
-            },
-            DeviceKind::VhostUser {
-                vhost: VhostUserKind::Blk,
-                ..
-            } => Plan {
-                block: true,
-                drive_name: true,
-                pci_slots: 1,
-                ..none
-            },
-            DeviceKind::VhostUser {
-                vhost: VhostUserKind::Scsi,
-                ..
-            } => Plan {
-                block: true,
-                pci_slots: 1,
-                ..none
-            },
-            DeviceKind::VhostUser { .. } => Plan {
-                pci_slots: 1,
-                ..none
-            },
-            // One slot per function, mediated devices included.
-            DeviceKind::Vfio(group) => Plan {
-                pci_slots: group.functions.len(),
-                ..none
-            },
-        }
-    }
-}
-
 /// What makes two `new_device` calls the same device: the device numbers
 /// *with* their type (`c 8:0` is not `b 8:0`), or for devices without
 /// numbers (runtime-added, `0:0`) the kind and host path.
@@ -538,11 +495,7 @@ impl DedupeKey {
     }
 
     pub fn of_record(rec: &DeviceRecord) -> DedupeKey {
-        DedupeKey::of(
-            &rec.kind,
-            &rec.host_path,
-            rec.uses.first().and_then(Option::as_ref),
-        )
+        DedupeKey::of(&rec.kind, &rec.host_path, rec.first_request())
     }
 }
 
@@ -593,21 +546,5 @@ mod tests {
             p1,
             DedupeKey::of(&DeviceKind::Generic, Path::new("/a"), None)
         );
-    }
-
-    #[test]
-    fn plans() {
-        assert!(!Plan::of(&DeviceKind::Block, Some(BlockDriver::Nvdimm)).block);
-        assert!(Plan::of(&DeviceKind::Block, Some(BlockDriver::Nvdimm)).pmem);
-        assert_eq!(
-            Plan::of(&DeviceKind::Block, Some(BlockDriver::VirtioBlk)).pci_slots,
-            1
-        );
-        assert_eq!(
-            Plan::of(&DeviceKind::Block, Some(BlockDriver::VirtioScsi)).pci_slots,
-            0
-        );
-        assert!(Plan::of(&DeviceKind::Block, Some(BlockDriver::VirtioMmio)).coldplug_only);
-        assert!(Plan::of(&DeviceKind::Generic, None).generic);
     }
 }

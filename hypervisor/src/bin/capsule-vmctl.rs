@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use capsule_devmgr::backend::{AttachRequest, DeviceBackend};
-use capsule_devmgr::device::{BlockDriver, DeviceKind, VhostUserKind};
+use capsule_device_api::{AttachRequest, DeviceBackend};
+use capsule_device_api::{BlockDriver, DeviceKind, VhostUserKind};
 use capsule_hypervisor::{QemuVm, VmDescription};
 
 fn usage() -> ! {
@@ -56,11 +56,11 @@ fn request_from_devices(
             )
         }
         "vfio-pci" => (
-            DeviceKind::Vfio(capsule_devmgr::device::VfioGroup {
+            DeviceKind::Vfio(capsule_device_api::VfioGroup {
                 group: String::new(),
-                mode: capsule_devmgr::device::VfioMode::Legacy,
+                mode: capsule_device_api::VfioMode::Legacy,
                 functions: (0..functions)
-                    .map(|_| capsule_devmgr::device::VfioFunction::Mediated {
+                    .map(|_| capsule_device_api::VfioFunction::Mediated {
                         uuid: String::new(),
                         sysfsdev: PathBuf::new(),
                     })

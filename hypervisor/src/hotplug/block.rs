@@ -3,8 +3,8 @@ use std::os::unix::fs::FileTypeExt;
 
 use serde_json::{json, Value};
 
-use capsule_devmgr::backend::{AttachRequest, BackendError, BackendErrorKind};
-use capsule_devmgr::device::ScsiAddr;
+use capsule_device_api::ScsiAddr;
+use capsule_device_api::{AttachRequest, BackendError, BackendErrorKind};
 
 use super::{failed, pci_placement, AddressPlan, DevicePlan, Step};
 use crate::layout::VmLayout;

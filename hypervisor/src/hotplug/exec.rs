@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::{broadcast, Mutex};
 
-use capsule_devmgr::backend::{BackendError, BackendErrorKind};
-use capsule_devmgr::device::GuestAddress;
+use capsule_device_api::GuestAddress;
+use capsule_device_api::{BackendError, BackendErrorKind};
 
 use super::{failed, qmp_error, AddressPlan, DevicePlan, Step};
 use crate::pci_path::find_pci_path;
@@ -186,8 +186,8 @@ async fn resolve_address(
 fn lookup(
     buses: &[crate::qmp::PciBusInfo],
     device: &str,
-    predicted: Option<&capsule_devmgr::device::PciPath>,
-) -> Result<capsule_devmgr::device::PciPath, String> {
+    predicted: Option<&capsule_device_api::PciPath>,
+) -> Result<capsule_device_api::PciPath, String> {
     let path = find_pci_path(buses, device)
         .ok_or_else(|| format!("{device} is not in query-pci after device_add"))?;
     if let Some(p) = predicted {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use capsule_devmgr::backend::{AttachRequest, BackendError, BackendErrorKind};
-use capsule_devmgr::device::{BlockDriver, DeviceKind, PciPath, ScsiAddr};
+use capsule_device_api::{AttachRequest, BackendError, BackendErrorKind};
+use capsule_device_api::{BlockDriver, DeviceKind, PciPath, ScsiAddr};
 
 use crate::layout::VmLayout;
 use crate::naming::Names;
@@ -97,12 +97,12 @@ impl DevicePlan {
 
 /// Builds the plan for `req`. `slots` are the PCI slots to use (one per PCI
 /// device, or empty to let QEMU choose on pc).
-pub fn plan(
-    req: &AttachRequest,
-    layout: &VmLayout,
-    slots: &[u32],
-) -> Result<DevicePlan, BackendError> {
+pub fn plan(req: &AttachRequest, layout: &VmLayout) -> Result<DevicePlan, BackendError> {
     let names = Names::new(&req.id).map_err(failed)?;
+    // The device manager allocates every PCI slot; a backend never
+    // chooses one.
+    req.check_slots()?;
+    let slots = req.pci_slots.as_slice();
     match &req.kind {
         DeviceKind::Generic => Ok(DevicePlan {
             id: req.id.clone(),
@@ -116,14 +116,6 @@ pub fn plan(
             BlockDriver::VirtioBlk => block::plan_virtio_blk(req, &names, layout, slots),
             BlockDriver::VirtioScsi => block::plan_scsi_hd(req, &names, layout),
             BlockDriver::Nvdimm => nvdimm::plan(req, &names, layout),
-            BlockDriver::VirtioMmio => Err(BackendError::new(
-                BackendErrorKind::Unsupported,
-                format!(
-                    "device {}: virtio-mmio disks need the microvm machine; this VM is {}",
-                    req.id,
-                    layout.machine.qemu_name()
-                ),
-            )),
         },
         DeviceKind::Pmem => nvdimm::plan(req, &names, layout),
         DeviceKind::VhostUser { vhost, socket, tag } => {
@@ -154,12 +146,6 @@ pub fn removal_plan(req: &AttachRequest, _layout: &VmLayout) -> Result<DevicePla
         DeviceKind::Pmem => plan.unplug_unsupported = Some(nvdimm::UNPLUG_UNSUPPORTED),
         DeviceKind::Block => match req.driver.unwrap_or_default() {
             BlockDriver::Nvdimm => plan.unplug_unsupported = Some(nvdimm::UNPLUG_UNSUPPORTED),
-            BlockDriver::VirtioMmio => {
-                return Err(BackendError::new(
-                    BackendErrorKind::Unsupported,
-                    format!("device {}: virtio-mmio disks cannot be unplugged", req.id),
-                ))
-            }
             BlockDriver::VirtioBlk | BlockDriver::VirtioScsi => {
                 plan.steps = vec![
                     Step::Blockdev {
@@ -191,16 +177,6 @@ pub fn removal_plan(req: &AttachRequest, _layout: &VmLayout) -> Result<DevicePla
     Ok(plan)
 }
 
-/// Number of PCI slots `req` occupies.
-pub fn pci_slots_needed(req: &AttachRequest) -> usize {
-    match &req.kind {
-        DeviceKind::Block => usize::from(req.driver.unwrap_or_default() == BlockDriver::VirtioBlk),
-        DeviceKind::VhostUser { .. } => 1,
-        DeviceKind::Vfio(g) => g.functions.len(),
-        DeviceKind::Generic | DeviceKind::Pmem => 0,
-    }
-}
-
 /// Where one PCI device goes: `bus`/`addr` (none: QEMU chooses) and the
 /// guest path that gives.
 #[derive(Debug, Clone, Default)]
@@ -227,7 +203,6 @@ pub(crate) fn pci_placement(
     i: usize,
 ) -> Result<Placement, BackendError> {
     match slots.get(i) {
-        None if slots.is_empty() => Ok(Placement::default()),
         None => Err(failed(format!(
             "device {req_id}: {} PCI slots allocated, need at least {}",
             slots.len(),

@@ -3,7 +3,7 @@ use std::io::{Seek, SeekFrom};
 
 use serde_json::json;
 
-use capsule_devmgr::backend::{AttachRequest, BackendError, BackendErrorKind};
+use capsule_device_api::{AttachRequest, BackendError, BackendErrorKind};
 
 use super::{failed, AddressPlan, DevicePlan, Step};
 use crate::layout::VmLayout;

@@ -3,8 +3,8 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use capsule_devmgr::backend::{AttachRequest, BackendErrorKind};
-use capsule_devmgr::device::{
+use capsule_device_api::{AttachRequest, BackendErrorKind};
+use capsule_device_api::{
     Bdf, BlockDriver, DeviceKind, ScsiAddr, VfioFunction, VfioGroup, VfioMode, VhostUserKind,
 };
 
@@ -36,6 +36,11 @@ fn req(id: &str, kind: DeviceKind, host_path: PathBuf) -> AttachRequest {
     }
 }
 
+fn with_slots(mut r: AttachRequest, slots: &[u32]) -> AttachRequest {
+    r.pci_slots = slots.to_vec();
+    r
+}
+
 fn disk(size: u64) -> tempfile::NamedTempFile {
     let f = tempfile::NamedTempFile::new().unwrap();
     f.as_file().set_len(size).unwrap();
@@ -49,7 +54,7 @@ fn virtio_blk_on_pc_and_q35() {
     r.driver = Some(BlockDriver::VirtioBlk);
     r.read_only = true;
     r.pci_slots = vec![7];
-    let p = plan(&r, &layout(MachineType::Pc), &r.pci_slots).unwrap();
+    let p = plan(&r, &layout(MachineType::Pc)).unwrap();
     assert_eq!(p.steps.len(), 2);
     let Step::Blockdev { node, args } = &p.steps[0] else {
         panic!("{p:?}")
@@ -78,7 +83,7 @@ fn virtio_blk_on_pc_and_q35() {
     );
 
     r.pci_slots = vec![2];
-    let p = plan(&r, &layout(MachineType::Q35), &r.pci_slots).unwrap();
+    let p = plan(&r, &layout(MachineType::Q35)).unwrap();
     let Step::Device { args, .. } = &p.steps[1] else {
         panic!()
     };
@@ -94,12 +99,14 @@ fn virtio_blk_on_pc_and_q35() {
         }
     );
 
-    // No slot on pc: QEMU chooses.
-    let p = plan(&r, &layout(MachineType::Pc), &[]).unwrap();
-    let Step::Device { args, .. } = &p.steps[1] else {
-        panic!()
-    };
-    assert!(args.get("bus").is_none());
+    // No slot: refused (the device manager allocates every slot).
+    r.pci_slots.clear();
+    let e = plan(&r, &layout(MachineType::Pc)).unwrap_err();
+    assert!(
+        e.message
+            .contains("needs 1 allocated PCI slot(s), the request carries 0"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -108,7 +115,8 @@ fn block_device_uses_host_device_driver() {
     // exist in the test environment, so only the refusal is checked.
     let mut r = req("dev1", DeviceKind::Block, "/dev/null".into());
     r.driver = Some(BlockDriver::VirtioBlk);
-    let e = plan(&r, &layout(MachineType::Pc), &[]).unwrap_err();
+    r.pci_slots = vec![7];
+    let e = plan(&r, &layout(MachineType::Pc)).unwrap_err();
     assert!(
         e.message
             .contains("neither a block device nor a regular file"),
@@ -116,7 +124,8 @@ fn block_device_uses_host_device_driver() {
     );
     let mut r = req("dev1", DeviceKind::Block, "/nonexistent/disk".into());
     r.driver = Some(BlockDriver::VirtioBlk);
-    let e = plan(&r, &layout(MachineType::Pc), &[]).unwrap_err();
+    r.pci_slots = vec![7];
+    let e = plan(&r, &layout(MachineType::Pc)).unwrap_err();
     assert!(
         e.message.contains("/nonexistent/disk") && e.message.contains("dev1"),
         "{e}"
@@ -128,7 +137,7 @@ fn scsi_hd_needs_controller_and_address() {
     let f = disk(1 << 20);
     let mut r = req("dev2", DeviceKind::Block, f.path().into());
     r.scsi_addr = Some(ScsiAddr { id: 1, lun: 3 });
-    let p = plan(&r, &layout(MachineType::Pc), &[]).unwrap();
+    let p = plan(&r, &layout(MachineType::Pc)).unwrap();
     let Step::Device { args, .. } = &p.steps[1] else {
         panic!()
     };
@@ -140,15 +149,15 @@ fn scsi_hd_needs_controller_and_address() {
     let mut no_ctrl = layout(MachineType::Pc);
     no_ctrl.scsi_controller = false;
     assert_eq!(
-        plan(&r, &no_ctrl, &[]).unwrap_err().kind,
+        plan(&r, &no_ctrl).unwrap_err().kind,
         BackendErrorKind::Unsupported
     );
     r.scsi_addr = None;
     r.block_index = Some(258);
-    let p = plan(&r, &layout(MachineType::Pc), &[]).unwrap();
+    let p = plan(&r, &layout(MachineType::Pc)).unwrap();
     assert_eq!(p.address, AddressPlan::Scsi(ScsiAddr { id: 1, lun: 2 }));
     r.block_index = None;
-    assert!(plan(&r, &layout(MachineType::Pc), &[]).is_err());
+    assert!(plan(&r, &layout(MachineType::Pc)).is_err());
 }
 
 #[test]
@@ -158,8 +167,11 @@ fn vhost_user_kinds() {
         socket: "/run/vu.sock".into(),
         tag: tag.into(),
     };
-    let r = req("dev3", kind(VhostUserKind::Blk, ""), "/run".into());
-    let p = plan(&r, &layout(MachineType::Pc), &[8]).unwrap();
+    let r = with_slots(
+        req("dev3", kind(VhostUserKind::Blk, ""), "/run".into()),
+        &[8],
+    );
+    let p = plan(&r, &layout(MachineType::Pc)).unwrap();
     assert_eq!(p.vhost_socket, Some(PathBuf::from("/run/vu.sock")));
     assert_eq!(
         p.steps[0],
@@ -176,9 +188,11 @@ fn vhost_user_kinds() {
         json!({"driver": "vhost-user-blk-pci", "id": "cap-dev3", "chardev": "cap-dev3-chr", "num-queues": 1, "bus": "pci.0", "addr": "0x08"})
     );
     let p = plan(
-        &req("dev4", kind(VhostUserKind::Scsi, ""), "/run".into()),
+        &with_slots(
+            req("dev4", kind(VhostUserKind::Scsi, ""), "/run".into()),
+            &[9],
+        ),
         &layout(MachineType::Pc),
-        &[],
     )
     .unwrap();
     let Step::Device { args, .. } = &p.steps[1] else {
@@ -186,9 +200,11 @@ fn vhost_user_kinds() {
     };
     assert_eq!(args["driver"], "vhost-user-scsi-pci");
     let p = plan(
-        &req("dev5", kind(VhostUserKind::Fs, "myfs"), "/run".into()),
+        &with_slots(
+            req("dev5", kind(VhostUserKind::Fs, "myfs"), "/run".into()),
+            &[9],
+        ),
         &layout(MachineType::Pc),
-        &[],
     )
     .unwrap();
     let Step::Device { args, .. } = &p.steps[1] else {
@@ -199,22 +215,26 @@ fn vhost_user_kinds() {
         (Some("vhost-user-fs-pci"), Some("myfs"))
     );
     assert!(plan(
-        &req("dev5", kind(VhostUserKind::Fs, ""), "/run".into()),
+        &with_slots(
+            req("dev5", kind(VhostUserKind::Fs, ""), "/run".into()),
+            &[9]
+        ),
         &layout(MachineType::Pc),
-        &[]
     )
     .is_err());
     let e = plan(
-        &req("dev6", kind(VhostUserKind::Net, ""), "/run".into()),
+        &with_slots(
+            req("dev6", kind(VhostUserKind::Net, ""), "/run".into()),
+            &[9],
+        ),
         &layout(MachineType::Pc),
-        &[],
     )
     .unwrap_err();
     assert_eq!(e.kind, BackendErrorKind::Unsupported);
 
     let mut no_shm = layout(MachineType::Pc);
     no_shm.shared_memory = false;
-    let e = plan(&r, &no_shm, &[]).unwrap_err();
+    let e = plan(&r, &no_shm).unwrap_err();
     assert_eq!(e.kind, BackendErrorKind::Unsupported);
     assert!(
         e.message.contains("shared") && e.message.contains("dev3"),
@@ -244,8 +264,11 @@ fn vfio_group_plans_every_function() {
             },
         ],
     };
-    let r = req("dev7", DeviceKind::Vfio(group), "/dev/vfio/12".into());
-    let p = plan(&r, &layout(MachineType::Q35), &[0, 1, 3]).unwrap();
+    let r = with_slots(
+        req("dev7", DeviceKind::Vfio(group), "/dev/vfio/12".into()),
+        &[0, 1, 3],
+    );
+    let p = plan(&r, &layout(MachineType::Q35)).unwrap();
     assert_eq!(p.device_ids(), ["cap-dev7", "cap-dev7-fn1", "cap-dev7-fn2"]);
     let Step::Device { args, .. } = &p.steps[1] else {
         panic!()
@@ -262,10 +285,12 @@ fn vfio_group_plans_every_function() {
         panic!()
     };
     assert_eq!(predicted[2], Some("0b/00".parse().unwrap()));
-    assert!(plan(&r, &layout(MachineType::Q35), &[0])
-        .unwrap_err()
-        .message
-        .contains("3 functions"));
+    assert!(
+        plan(&with_slots(r.clone(), &[0]), &layout(MachineType::Q35))
+            .unwrap_err()
+            .message
+            .contains("needs 3 allocated PCI slot(s), the request carries 1")
+    );
     let rm = removal_plan(&r, &layout(MachineType::Q35)).unwrap();
     assert_eq!(
         rm.device_ids(),
@@ -278,7 +303,7 @@ fn nvdimm_plan_and_refusals() {
     let f = disk((4 << 20) + 12345);
     let mut r = req("dev8", DeviceKind::Pmem, f.path().into());
     r.pmem_index = Some(2);
-    let p = plan(&r, &layout(MachineType::Pc), &[]).unwrap();
+    let p = plan(&r, &layout(MachineType::Pc)).unwrap();
     let Step::Object { id, args } = &p.steps[0] else {
         panic!()
     };
@@ -309,14 +334,13 @@ fn nvdimm_plan_and_refusals() {
     let e = plan(
         &req("dev9", DeviceKind::Pmem, small.path().into()),
         &layout(MachineType::Pc),
-        &[],
     )
     .unwrap_err();
     assert!(e.message.contains("smaller"), "{e}");
     let mut no_nvdimm = layout(MachineType::Pc);
     no_nvdimm.nvdimm = false;
     assert_eq!(
-        plan(&r, &no_nvdimm, &[]).unwrap_err().kind,
+        plan(&r, &no_nvdimm).unwrap_err().kind,
         BackendErrorKind::Unsupported
     );
 }
@@ -326,7 +350,6 @@ fn generic_and_bad_ids() {
     let p = plan(
         &req("dev10", DeviceKind::Generic, "/dev/null".into()),
         &layout(MachineType::Pc),
-        &[],
     )
     .unwrap();
     assert!(p.steps.is_empty());
@@ -334,16 +357,9 @@ fn generic_and_bad_ids() {
     let e = plan(
         &req("dev,x", DeviceKind::Generic, "/dev/null".into()),
         &layout(MachineType::Pc),
-        &[],
     )
     .unwrap_err();
     assert!(e.message.contains("dev,x"));
-    let mut r = req("dev11", DeviceKind::Block, "/x".into());
-    r.driver = Some(BlockDriver::VirtioMmio);
-    assert_eq!(
-        plan(&r, &layout(MachineType::Pc), &[]).unwrap_err().kind,
-        BackendErrorKind::Unsupported
-    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! remove the backends. A device the guest has not released in time is
 //! reported [`UnplugOutcome::Pending`] and keeps its backends; calling
 //! unplug again re-issues `device_del` and waits again.
-use capsule_devmgr::backend::{BackendError, BackendErrorKind, UnplugOutcome};
+use capsule_device_api::{BackendError, BackendErrorKind, UnplugOutcome};
 
 use super::exec::{remove_backend, request_delete, ExecContext};
 use super::{qmp_error, DevicePlan, Step};

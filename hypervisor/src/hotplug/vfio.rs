@@ -1,8 +1,8 @@
 //! vfio-pci: every function of an IOMMU group, as one unit.
 use serde_json::json;
 
-use capsule_devmgr::backend::{AttachRequest, BackendError};
-use capsule_devmgr::device::{VfioFunction, VfioGroup};
+use capsule_device_api::{AttachRequest, BackendError};
+use capsule_device_api::{VfioFunction, VfioGroup};
 
 use super::{failed, pci_placement, AddressPlan, DevicePlan, Step};
 use crate::layout::VmLayout;

@@ -3,8 +3,8 @@ use std::path::Path;
 
 use serde_json::json;
 
-use capsule_devmgr::backend::{AttachRequest, BackendError, BackendErrorKind};
-use capsule_devmgr::device::VhostUserKind;
+use capsule_device_api::VhostUserKind;
+use capsule_device_api::{AttachRequest, BackendError, BackendErrorKind};
 
 use super::{failed, pci_placement, AddressPlan, DevicePlan, Step};
 use crate::layout::VmLayout;

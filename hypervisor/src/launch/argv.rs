@@ -187,7 +187,7 @@ pub fn build_argv(input: &ArgvInput<'_>) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
     use crate::config::PmemConfig;
-    use capsule_devmgr::device::BlockDriver;
+    use capsule_device_api::BlockDriver;
     use serde_json::json;
 
     fn cfg() -> VmConfig {

@@ -1,7 +1,8 @@
 //! Starting QEMU: a [`VmBuilder`] collects the cold-plugged devices (it is
 //! the [`DeviceBackend`] of a VM that has not booted), then
 //! [`VmBuilder::start`] picks the accelerator, builds the command line,
-//! spawns QEMU, negotiates QMP and persists the [`VmDescription`].
+//! spawns QEMU, hands the [`VmDescription`] to the caller's recorder (the
+//! one place it is persisted) and negotiates QMP.
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -11,16 +12,16 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use capsule_devmgr::backend::{
+use capsule_device_api::GuestAddress;
+use capsule_device_api::{
     AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome,
 };
-use capsule_devmgr::device::GuestAddress;
 
 use crate::accel::choose_accel;
 use crate::config::{resolve_binary, MachineType, VmConfig, VsockMode};
 use crate::description::{VmDescription, DESCRIPTION_VERSION};
 use crate::error::HypervisorError;
-use crate::hotplug::{self, exec::vet_backend, pci_slots_needed, AddressPlan, DevicePlan};
+use crate::hotplug::{self, exec::vet_backend, AddressPlan, DevicePlan};
 use crate::layout::VmLayout;
 use crate::pci_path::find_pci_path;
 use crate::process::{SpawnOptions, VmProcess};
@@ -45,11 +46,17 @@ struct State {
     pmem_count: u32,
 }
 
+/// Persists a VM's description the moment QEMU runs, before anything else
+/// can fail: a runtime that dies from there on leaves a VM its successor
+/// can find and stop. An error kills QEMU and fails the start.
+pub type DescriptionRecorder = Box<dyn FnOnce(&VmDescription) -> Result<(), String> + Send + Sync>;
+
 /// A VM being configured. Implements [`DeviceBackend::coldplug`].
 pub struct VmBuilder {
     config: VmConfig,
     layout: VmLayout,
     state: Mutex<State>,
+    recorder: Option<DescriptionRecorder>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -83,7 +90,15 @@ impl VmBuilder {
             config,
             layout,
             state: Mutex::new(State::default()),
+            recorder: None,
         })
+    }
+
+    /// Hands the description of the started VM to `recorder` (see
+    /// [`DescriptionRecorder`]). Without one, nothing is persisted.
+    pub fn record_with(mut self, recorder: DescriptionRecorder) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -101,7 +116,7 @@ impl VmBuilder {
     /// Starts QEMU with the cold-plugged devices.
     pub async fn start(self) -> Result<QemuVm, HypervisorError> {
         let state = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
-        start(self.config, self.layout, state.cold).await
+        start(self.config, self.layout, state.cold, self.recorder).await
     }
 }
 
@@ -130,8 +145,7 @@ impl DeviceBackend for VmBuilder {
     }
 
     async fn coldplug(&self, req: &AttachRequest) -> Result<GuestAddress, BackendError> {
-        let need = pci_slots_needed(req);
-        let mut req = req.clone();
+        let req = req.clone();
         {
             let st = self.lock();
             if st.cold.iter().any(|c| c.req.id == req.id) {
@@ -140,22 +154,6 @@ impl DeviceBackend for VmBuilder {
                     req.id
                 )));
             }
-            if req.pci_slots.is_empty() && need > 0 {
-                let free: Vec<u32> = self
-                    .layout
-                    .device_slots()
-                    .into_iter()
-                    .filter(|s| !st.used_slots.contains(s))
-                    .take(need)
-                    .collect();
-                if free.len() < need {
-                    return Err(hotplug::failed(format!(
-                        "device {}: no free PCI slot left",
-                        req.id
-                    )));
-                }
-                req.pci_slots = free;
-            }
             if let Some(s) = req.pci_slots.iter().find(|s| st.used_slots.contains(s)) {
                 return Err(hotplug::failed(format!(
                     "device {}: PCI slot {s} is already taken",
@@ -163,7 +161,7 @@ impl DeviceBackend for VmBuilder {
                 )));
             }
         }
-        let plan = hotplug::plan(&req, &self.layout, &req.pci_slots)?;
+        let plan = hotplug::plan(&req, &self.layout)?;
         let fd = vet_backend(&plan, self.config.timeouts.vhost_probe()).await?;
         let mut st = self.lock();
         let address = match &plan.address {
@@ -209,21 +207,26 @@ fn tail(path: &Path, max: usize) -> String {
     s[start..].to_owned()
 }
 
-/// Refuses to start a second VM in a run directory whose VM still runs
-/// (same pid and start time as its description): the caller should attach
-/// to it instead of leaking it.
+/// Refuses to start a second VM in a run directory whose VM still runs (the
+/// pid in its pidfile is a live process whose command line names the run
+/// directory): the caller should stop or attach to it instead of leaking it.
 fn refuse_if_running(config: &VmConfig) -> Result<(), HypervisorError> {
-    let path = config.description_path();
-    let Ok(desc) = VmDescription::load(&path) else {
+    let path = config.pidfile();
+    let Some(pid) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
         return Ok(());
     };
-    if crate::process::proc_start_time(desc.pid).ok() == Some(desc.start_time) {
-        return Err(HypervisorError::AlreadyRunning {
-            pid: desc.pid,
-            description: path,
-        });
+    let needle = config.run_dir.to_string_lossy().into_owned();
+    let names_run_dir = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(needle.as_str()))
+        .unwrap_or(false);
+    let alive = crate::process::proc_start_time(pid).is_ok();
+    if alive && names_run_dir {
+        return Err(HypervisorError::AlreadyRunning { pid, pidfile: path });
     }
-    tracing::info!(pid = desc.pid, path = %path.display(), "replacing the description of a VM that is gone");
+    tracing::info!(pid, path = %path.display(), "replacing the pidfile of a VM that is gone");
     Ok(())
 }
 
@@ -244,6 +247,7 @@ async fn start(
     config: VmConfig,
     layout: VmLayout,
     cold: Vec<Cold>,
+    recorder: Option<DescriptionRecorder>,
 ) -> Result<QemuVm, HypervisorError> {
     let t0 = Instant::now();
     let run_dir = &config.run_dir;
@@ -331,14 +335,15 @@ async fn start(
     };
     // Persisted before anything else can fail: a runtime that dies from
     // here on leaves a VM its successor can find (and stop), not a leak.
-    let desc_path = config.description_path();
-    if let Err(e) = desc.save(&desc_path) {
-        tracing::error!(pid = process.pid(), error = %e, "cannot persist the VM description; killing QEMU");
-        process.kill(Duration::from_secs(5)).await;
-        return Err(HypervisorError::io(
-            format!("writing {}", desc_path.display()),
-            e,
-        ));
+    if let Some(record) = recorder {
+        if let Err(reason) = record(&desc) {
+            tracing::error!(pid = process.pid(), %reason, "cannot persist the VM description; killing QEMU");
+            process.kill(Duration::from_secs(5)).await;
+            return Err(HypervisorError::Start {
+                reason: format!("recording the started VM: {reason}"),
+                stderr: String::new(),
+            });
+        }
     }
 
     let qmp = match connect_qmp(&config, &process).await {
@@ -347,7 +352,6 @@ async fn start(
             // Never leave a QEMU behind (or a zombie): kill and reap it.
             tracing::error!(pid = process.pid(), %reason, "QEMU did not come up; killing it");
             process.kill(Duration::from_secs(5)).await;
-            let _ = std::fs::remove_file(&desc_path);
             return Err(HypervisorError::Start {
                 reason,
                 stderr: tail(&stderr_log, 2000),
@@ -404,8 +408,7 @@ async fn check_coldplug_paths(qmp: &QmpClient, cold: &[ColdDevice]) -> Result<()
     }
     let buses = qmp.query_pci().await?;
     for c in cold {
-        let pairs: Vec<(&String, Option<&capsule_devmgr::device::PciPath>)> = match &c.plan.address
-        {
+        let pairs: Vec<(&String, Option<&capsule_device_api::PciPath>)> = match &c.plan.address {
             AddressPlan::Pci { device, predicted } => vec![(device, predicted.as_ref())],
             AddressPlan::Vfio { devices, predicted } => devices
                 .iter()

@@ -12,8 +12,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use capsule_devmgr::backend::AttachRequest;
-use capsule_devmgr::device::{BlockDriver, DeviceKind};
+use capsule_device_api::AttachRequest;
+use capsule_device_api::{BlockDriver, DeviceKind};
 use capsule_hypervisor::config::{AccelMode, MachineType, PmemConfig, VmConfig};
 use capsule_hypervisor::devices::sorted_names;
 use capsule_hypervisor::{QemuVm, VmBuilder};
@@ -137,15 +137,25 @@ pub fn test_config(dir: &Path, opts: &VmOpts) -> VmConfig {
     cfg
 }
 
+/// Where the test VMs' descriptions are saved.
+pub fn description_path(config: &capsule_hypervisor::VmConfig) -> std::path::PathBuf {
+    config.run_dir.join("vm.json")
+}
+
 impl TestVm {
     /// Boots a VM (with `cold` devices) and, with a guest, waits for READY.
     pub async fn boot_with(opts: VmOpts, cold: Vec<AttachRequest>) -> Result<Self> {
         init_tracing();
         let dir = tempfile::Builder::new().prefix("caphv").tempdir()?;
         let config = test_config(dir.path(), &opts);
-        let builder = VmBuilder::new(config.clone())?;
+        // Like a runtime, persist the description (where capsule-vmctl and
+        // the reconnect tests find it).
+        let desc_path = description_path(&config);
+        let builder = VmBuilder::new(config.clone())?.record_with(Box::new(move |d| {
+            d.save(&desc_path).map_err(|e| e.to_string())
+        }));
         for req in &cold {
-            use capsule_devmgr::backend::DeviceBackend;
+            use capsule_device_api::DeviceBackend;
             builder
                 .coldplug(req)
                 .await

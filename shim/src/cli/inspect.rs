@@ -10,7 +10,7 @@ use serde_json::json;
 use super::Args;
 use crate::cleanup::{self, KillTiming, ProcessTable, RealProcesses};
 use crate::config::Config;
-use crate::state::{self, ContainersFile, ProcRef, SandboxPaths, VmRecord};
+use crate::state::{self, ProcRef, SandboxPaths, SandboxRecord};
 
 fn alive(p: Option<ProcRef>) -> bool {
     p.is_some_and(|p| RealProcesses.start_time(p.pid) == Some(p.start_time))
@@ -30,15 +30,19 @@ fn sandbox_ids(config: &Config) -> Vec<String> {
 }
 
 /// The device manager's records of a sandbox, read without taking its lock.
-fn devices(paths: &SandboxPaths, vm: Option<&VmRecord>) -> Result<Vec<DeviceRecord>, String> {
+fn devices(paths: &SandboxPaths, vm: Option<&SandboxRecord>) -> Result<Vec<DeviceRecord>, String> {
     let bytes = match std::fs::read(paths.devices_file()) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("{}: {e}", paths.devices_file().display())),
     };
     let config = vm
-        .map(|v| v.manager.config())
-        .ok_or_else(|| "vm.json is missing: cannot validate devices.json".to_string())?;
+        .and_then(|v| v.manager.as_ref())
+        .map(|m| m.config())
+        .ok_or_else(|| {
+            "sandbox.json has no device manager configuration: cannot validate devices.json"
+                .to_string()
+        })?;
     capsule_devmgr::state::decode(&bytes, &config)
         .map(|s| s.devices.into_values().collect())
         .map_err(|e| format!("{}: {e}", paths.devices_file().display()))
@@ -48,14 +52,13 @@ pub fn list(a: &Args, config: &Config) -> Result<i32, String> {
     let mut rows = Vec::new();
     for id in sandbox_ids(config) {
         let paths = SandboxPaths::new(&config.state_dir, &id);
-        let vm = state::load::<VmRecord>(&paths.vm_file());
+        let vm = state::load::<SandboxRecord>(&paths.sandbox_file());
         let (vm, err) = match vm {
             Ok(v) => (v, None),
             Err(e) => (None, Some(e.to_string())),
         };
-        let containers = state::load::<ContainersFile>(&paths.containers_file())
-            .ok()
-            .flatten()
+        let containers = vm
+            .as_ref()
             .map(|c| c.containers.keys().cloned().collect::<Vec<_>>())
             .unwrap_or_default();
         let qemu = vm.as_ref().and_then(|v| v.qemu.as_ref()).map(|d| ProcRef {
@@ -155,7 +158,7 @@ pub fn drift(records: &[DeviceRecord], vm_ids: &BTreeSet<String>) -> Vec<String>
     out
 }
 
-async fn vm_devices(vm: &VmRecord) -> Result<VmDevices, String> {
+async fn vm_devices(vm: &SandboxRecord) -> Result<VmDevices, String> {
     if let (Some(addr), true) = (&vm.shim_address, alive(vm.shim)) {
         let v = crate::admin::query_vm_devices(addr, Duration::from_secs(10))
             .await
@@ -179,9 +182,10 @@ pub async fn inspect(a: &Args, config: &Config) -> Result<i32, String> {
             config.sandboxes_dir().display()
         ));
     }
-    let vm = state::load::<VmRecord>(&paths.vm_file()).map_err(|e| e.to_string())?;
-    let containers = state::load::<ContainersFile>(&paths.containers_file())
-        .map_err(|e| e.to_string())?
+    let vm = state::load::<SandboxRecord>(&paths.sandbox_file()).map_err(|e| e.to_string())?;
+    let containers = vm
+        .as_ref()
+        .map(|v| v.containers.clone())
         .unwrap_or_default();
     let records = devices(&paths, vm.as_ref())?;
     let (vm_devs, vm_error) = match &vm {
@@ -189,7 +193,7 @@ pub async fn inspect(a: &Args, config: &Config) -> Result<i32, String> {
             Ok(d) => (Some(d), None),
             Err(e) => (None, Some(e)),
         },
-        None => (None, Some("no vm.json".to_string())),
+        None => (None, Some("no sandbox.json".to_string())),
     };
     let drift = vm_devs
         .as_ref()
@@ -199,7 +203,7 @@ pub async fn inspect(a: &Args, config: &Config) -> Result<i32, String> {
         let v = json!({
             "sandbox": id,
             "vm": vm,
-            "containers": containers.containers,
+            "containers": containers,
             "devices": records,
             "vm_devices": vm_devs,
             "vm_error": vm_error,
@@ -231,17 +235,25 @@ pub async fn inspect(a: &Args, config: &Config) -> Result<i32, String> {
         println!("  virtiofsd  {}", p(v.virtiofsd));
     }
     println!("containers:");
-    for c in containers.containers.values() {
+    for c in containers.values() {
+        // Which devices a container uses: devices.json's owners.
+        let owner = capsule_devmgr::Owner::container(c.id.clone());
+        let used: Vec<String> = records
+            .iter()
+            .flat_map(|r| {
+                r.uses_of(&owner).filter_map(move |u| {
+                    u.request
+                        .as_ref()
+                        .map(|i| format!("{}={}", r.id, i.container_path.display()))
+                })
+            })
+            .collect();
         println!(
             "  {:<20} {:<9} {}  devices: {}",
             c.id,
             format!("{:?}", c.status).to_lowercase(),
             c.bundle.display(),
-            c.devices
-                .iter()
-                .map(|d| format!("{}={}", d.id, d.container_path.display()))
-                .collect::<Vec<_>>()
-                .join(" ")
+            used.join(" ")
         );
     }
     println!("devices:");
@@ -304,7 +316,9 @@ pub async fn cleanup(a: &Args, config: &Config) -> Result<i32, String> {
         println!("sandbox {id}: nothing to clean up");
         return Ok(0);
     }
-    let vm = state::load::<VmRecord>(&paths.vm_file()).ok().flatten();
+    let vm = state::load::<SandboxRecord>(&paths.sandbox_file())
+        .ok()
+        .flatten();
     // A shim that was just killed may still be exiting.
     let mut alive = cleanup::shim_alive(&paths, vm.as_ref(), &RealProcesses);
     for _ in 0..20 {
@@ -351,7 +365,10 @@ mod tests {
             host_path: "/dev/loop0".into(),
             kind: DeviceKind::Block,
             driver: Some(capsule_devmgr::BlockDriver::VirtioScsi),
-            uses: vec![None],
+            uses: vec![capsule_devmgr::DeviceUse::new(
+                capsule_devmgr::Owner::runtime("test"),
+                None,
+            )],
             attach_count: 1,
             status: DeviceStatus::Attached,
             resources: Default::default(),

@@ -1,19 +1,15 @@
-//! Device manager results → the agent's `Device` message.
+//! A container's device, as the device manager attached it → the agent's
+//! `Device` message.
 use capsule_agent_protocol::agent::{self, DeviceKind as AgentKind};
 use capsule_devmgr::device::VhostUserKind;
-use capsule_devmgr::{BlockDriver, DeviceInfo, DeviceKind, GuestAddress};
+use capsule_devmgr::{ContainerDevice, DeviceKind, GuestAddress};
 
 use crate::error::{Error, Result};
 
-/// What the agent needs to find device `id` (attached as `kind` with
-/// `driver`, at `addr`) and create its node for `info`.
-pub fn agent_device(
-    id: &str,
-    kind: &DeviceKind,
-    driver: Option<BlockDriver>,
-    info: &DeviceInfo,
-    addr: &GuestAddress,
-) -> Result<agent::Device> {
+/// What the agent needs to find the device and create its node.
+pub fn agent_device(d: &ContainerDevice) -> Result<agent::Device> {
+    let (id, kind, driver, info, addr) =
+        (d.id.to_string(), &d.kind, d.driver, &d.request, &d.address);
     let unsupported = |what: &str| {
         Error::invalid(format!(
             "device {} ({} {}:{}): {what}",
@@ -27,9 +23,6 @@ pub fn agent_device(
         (DeviceKind::Generic, _) => (AgentKind::DEVICE_KIND_GENERIC, String::new()),
         (DeviceKind::Block, GuestAddress::Pci(p)) => (AgentKind::DEVICE_KIND_BLK_PCI, p.to_string()),
         (DeviceKind::Block, GuestAddress::Scsi(a)) => (AgentKind::DEVICE_KIND_SCSI, a.to_string()),
-        (DeviceKind::Block, GuestAddress::Mmio(name)) => {
-            (AgentKind::DEVICE_KIND_BLK_MMIO, name.clone())
-        }
         (DeviceKind::Block | DeviceKind::Pmem, GuestAddress::Pmem(n)) => {
             (AgentKind::DEVICE_KIND_PMEM, n.to_string())
         }
@@ -67,7 +60,7 @@ pub fn agent_device(
         }
     };
     Ok(agent::Device {
-        id: id.to_string(),
+        id,
         kind: k.into(),
         guest_address: address,
         container_path: info.container_path.display().to_string(),
@@ -87,61 +80,70 @@ pub fn agent_device(
 mod tests {
     use super::*;
     use capsule_devmgr::device::{DevType, ScsiAddr};
+    use capsule_devmgr::{BlockDriver, DeviceId, DeviceInfo};
 
-    fn info() -> DeviceInfo {
-        DeviceInfo {
-            container_path: "/dev/xvda".into(),
-            dev_type: DevType::Block,
-            major: 7,
-            minor: 3,
-            file_mode: Some(0o660),
-            uid: Some(1),
-            gid: None,
-            read_only: true,
-            cgroup_access: "rm".into(),
+    fn dev(
+        id: u64,
+        kind: DeviceKind,
+        driver: Option<BlockDriver>,
+        address: GuestAddress,
+    ) -> ContainerDevice {
+        ContainerDevice {
+            id: DeviceId(id),
+            request: DeviceInfo {
+                container_path: "/dev/xvda".into(),
+                dev_type: DevType::Block,
+                major: 7,
+                minor: 3,
+                file_mode: Some(0o660),
+                uid: Some(1),
+                gid: None,
+                read_only: true,
+                cgroup_access: "rm".into(),
+            },
+            kind,
+            driver,
+            address,
         }
     }
 
     #[test]
     fn addresses_become_agent_devices() {
-        let d = agent_device(
-            "dev2",
-            &DeviceKind::Block,
+        let d = agent_device(&dev(
+            2,
+            DeviceKind::Block,
             Some(BlockDriver::VirtioScsi),
-            &info(),
-            &GuestAddress::Scsi(ScsiAddr { id: 0, lun: 2 }),
-        )
+            GuestAddress::Scsi(ScsiAddr { id: 0, lun: 2 }),
+        ))
         .unwrap();
         assert_eq!(d.kind.enum_value().unwrap(), AgentKind::DEVICE_KIND_SCSI);
-        assert_eq!(d.guest_address, "0:2");
+        assert_eq!((d.id.as_str(), d.guest_address.as_str()), ("dev2", "0:2"));
         assert_eq!(
             (d.host_major, d.host_minor, d.file_mode, d.uid),
             (7, 3, 0o660, 1)
         );
         assert!(d.read_only);
         assert_eq!(d.dev_type, "b");
-        let d = agent_device(
-            "dev3",
-            &DeviceKind::Block,
+        let d = agent_device(&dev(
+            3,
+            DeviceKind::Block,
             Some(BlockDriver::VirtioBlk),
-            &info(),
-            &GuestAddress::Pci("06".parse().unwrap()),
-        )
+            GuestAddress::Pci("06".parse().unwrap()),
+        ))
         .unwrap();
         assert_eq!(d.kind.enum_value().unwrap(), AgentKind::DEVICE_KIND_BLK_PCI);
         assert_eq!(d.guest_address, "06");
-        let e = agent_device(
-            "dev4",
-            &DeviceKind::VhostUser {
+        let e = agent_device(&dev(
+            4,
+            DeviceKind::VhostUser {
                 vhost: VhostUserKind::Scsi,
                 socket: "/s".into(),
                 tag: String::new(),
             },
             None,
-            &info(),
-            &GuestAddress::Pci("07".parse().unwrap()),
-        )
+            GuestAddress::Pci("07".parse().unwrap()),
+        ))
         .unwrap_err();
-        assert!(e.message.contains("/dev/xvda (b 7:3)"), "{e}");
+        assert!(e.to_string().contains("/dev/xvda (b 7:3)"), "{e}");
     }
 }

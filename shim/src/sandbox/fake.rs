@@ -1,20 +1,29 @@
 //! A scripted sandbox for the task service's tests: records every call,
 //! fails at a chosen step, and runs "processes" that exit when signalled or
-//! when the test says so.
+//! when the test says so. Its devices go through a real device manager
+//! (with a recording backend and `devices.json` in the sandbox directory),
+//! resolved on a fixture host of loop devices.
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use capsule_agent_protocol::agent;
+use capsule_devmgr::testing::RecordingBackend;
+use capsule_devmgr::{
+    BlockDriver, ContainerDevice, DeviceManager, FileStore, ManagerConfig, ResolvedDevices,
+    Resolver,
+};
 use oci_spec::runtime::Spec;
 use tokio::sync::watch;
 
 use super::{
-    AttachedDevice, ContainerRequest, ExitStatus, GuestStats, Sandbox, SandboxFactory, SharedRootfs,
+    ContainerRequest, ExitStatus, Guest, GuestStats, Sandbox, SandboxFactory, SharedRootfs,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::state::{SandboxPaths, SandboxStore};
 
 /// Steps the fake can be told to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,8 +53,6 @@ struct State {
     fail: BTreeSet<Step>,
     /// Containers with prepared rootfs.
     rootfs: BTreeSet<String>,
-    /// Device id -> attach count.
-    devices: BTreeMap<String, u32>,
     containers: BTreeSet<String>,
     procs: HashMap<(String, String), Proc>,
     next_pid: u32,
@@ -57,11 +64,17 @@ struct State {
 #[derive(Clone, Default)]
 pub struct FakeSandbox {
     state: Arc<Mutex<State>>,
+    devices: Arc<Mutex<Option<Arc<DeviceManager>>>>,
+    backend: Arc<RecordingBackend>,
 }
 
 impl FakeSandbox {
-    pub fn new() -> Self {
-        Self::default()
+    fn manager(&self) -> Result<Arc<DeviceManager>> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::internal("the fake sandbox was never created"))
     }
     fn st(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -81,13 +94,30 @@ impl FakeSandbox {
     }
     pub fn clear_failures(&self) {
         self.st().fail.clear();
+        self.backend.clear_failures();
     }
     pub fn calls(&self) -> Vec<String> {
         self.st().calls.clone()
     }
-    /// Devices attached now (id -> count).
+    /// Devices attached now (`major:minor` of the first user -> attach
+    /// count), from the device manager.
     pub fn attached(&self) -> BTreeMap<String, u32> {
-        self.st().devices.clone()
+        let Ok(mgr) = self.manager() else {
+            return BTreeMap::new();
+        };
+        mgr.list()
+            .into_iter()
+            .filter(|r| r.attach_count > 0)
+            .filter_map(|r| {
+                let i = r.first_request()?;
+                Some((format!("{}:{}", i.major, i.minor), r.attach_count))
+            })
+            .collect()
+    }
+
+    /// The device manager's record of the sandbox.
+    pub fn device_manager(&self) -> Option<Arc<DeviceManager>> {
+        self.manager().ok()
     }
     pub fn prepared_rootfs(&self) -> BTreeSet<String> {
         self.st().rootfs.clone()
@@ -144,8 +174,11 @@ impl Sandbox for FakeSandbox {
     fn id(&self) -> &str {
         "fake"
     }
-    fn pid(&self) -> u32 {
+    fn vm_pid(&self) -> u32 {
         4242
+    }
+    fn guest(&self) -> &dyn Guest {
+        self
     }
     async fn prepare_rootfs(&self, c: &ContainerRequest) -> Result<SharedRootfs> {
         self.call(
@@ -165,48 +198,45 @@ impl Sandbox for FakeSandbox {
         self.st().rootfs.remove(cid);
         Ok(())
     }
-    async fn attach_devices(&self, cid: &str, spec: &Spec) -> Result<Vec<AttachedDevice>> {
+    async fn attach_devices(
+        &self,
+        cid: &str,
+        devices: ResolvedDevices,
+    ) -> Result<Vec<ContainerDevice>> {
         self.call(format!("attach_devices {cid}"), None)?;
-        let infos = capsule_devmgr::oci::spec_devices(spec).map_err(Error::from)?;
-        let mut out = Vec::new();
-        for (i, info) in infos.into_iter().enumerate() {
-            let fail = self.st().fail.contains(&Step::AttachDevices);
-            // Fails on the last device, after the earlier ones attached.
-            if fail
-                && i + 1
-                    == capsule_devmgr::oci::spec_devices(spec)
-                        .map(|v| v.len())
-                        .unwrap_or(0)
-            {
-                self.detach_devices(cid, &out).await?;
-                return Err(Error::internal(format!(
-                    "capsule: device {}: fake attach failure",
-                    info.container_path.display()
-                )));
+        let mgr = self.manager()?;
+        if self.st().fail.contains(&Step::AttachDevices) {
+            // Fail the last hotplug, after the earlier devices attached.
+            let known: BTreeSet<_> = mgr.list().into_iter().map(|r| r.host_path).collect();
+            let new = devices
+                .iter()
+                .filter(|d| !known.contains(&d.host_path))
+                .count() as u64;
+            if new == 0 {
+                return Err(Error::internal("fake attach failure"));
             }
-            let id = format!("{}:{}", info.major, info.minor);
-            *self.st().devices.entry(id.clone()).or_default() += 1;
-            out.push(AttachedDevice {
-                id,
-                info,
-                agent: agent::Device::default(),
-            });
+            self.backend.fail_call(self.backend.call_count() + new);
         }
-        Ok(out)
+        Ok(mgr.attach_container(cid, devices).await?)
     }
-    async fn detach_devices(&self, cid: &str, devices: &[AttachedDevice]) -> Result<()> {
+    async fn detach_devices(&self, cid: &str) -> Result<()> {
         self.call(format!("detach_devices {cid}"), None)?;
-        let mut st = self.st();
-        for d in devices {
-            if let Some(n) = st.devices.get_mut(&d.id) {
-                *n -= 1;
-                if *n == 0 {
-                    st.devices.remove(&d.id);
-                }
-            }
-        }
+        Ok(self.manager()?.detach_container(cid).await?)
+    }
+    async fn vm_devices(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({"devices": []}))
+    }
+    async fn shutdown(&self) -> Result<()> {
+        self.call("shutdown".into(), None)?;
+        self.st().shut_down = true;
+        // The VM and everything plugged into it are gone.
+        *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
+}
+
+#[async_trait]
+impl Guest for FakeSandbox {
     async fn create_container(&self, req: agent::CreateContainerRequest) -> Result<()> {
         self.call(
             format!("create_container {}", req.container_id),
@@ -337,34 +367,68 @@ impl Sandbox for FakeSandbox {
         self.st().containers.remove(cid);
         Ok(())
     }
-    async fn vm_devices(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::json!({"devices": []}))
-    }
-    async fn shutdown(&self) -> Result<()> {
-        self.call("shutdown".into(), None)?;
-        self.st().shut_down = true;
-        Ok(())
-    }
 }
 
-/// Hands out one shared [`FakeSandbox`].
-#[derive(Clone, Default)]
+/// Hands out one shared [`FakeSandbox`], and resolves devices on a fixture
+/// host of loop devices (`b 7:0` … `b 7:7`), counting every resolution.
+#[derive(Clone)]
 pub struct FakeFactory {
     pub sandbox: FakeSandbox,
     pub created: Arc<Mutex<Vec<String>>>,
+    host: Resolver,
+    /// `resolve_devices` calls, and devices resolved by them.
+    pub resolutions: Arc<AtomicUsize>,
+    pub devices_resolved: Arc<AtomicUsize>,
+}
+
+impl FakeFactory {
+    /// A factory whose fixture host lives in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        let host = match capsule_devmgr::testing::loop_host(dir, 8) {
+            Ok(h) => h,
+            Err(e) => panic!("fixture host in {}: {e}", dir.display()),
+        };
+        Self {
+            sandbox: FakeSandbox::default(),
+            created: Arc::default(),
+            host,
+            resolutions: Arc::default(),
+            devices_resolved: Arc::default(),
+        }
+    }
 }
 
 #[async_trait]
 impl SandboxFactory for FakeFactory {
+    fn resolve_devices(&self, _config: &Config, spec: &Spec) -> Result<ResolvedDevices> {
+        self.resolutions.fetch_add(1, Ordering::SeqCst);
+        let r = self.host.resolve_spec(spec)?;
+        self.devices_resolved.fetch_add(r.len(), Ordering::SeqCst);
+        Ok(r)
+    }
+
     async fn create(
         &self,
         id: &str,
-        _config: &Config,
+        config: &Config,
+        _store: Arc<SandboxStore>,
         _hostname: &str,
-        _shim_address: &str,
     ) -> Result<Arc<dyn Sandbox>> {
         self.sandbox
             .call(format!("start_sandbox {id}"), Some(Step::StartSandbox))?;
+        let paths = SandboxPaths::new(&config.state_dir, id);
+        let store = FileStore::open(&paths.dir).map_err(|e| Error::internal(e.to_string()))?;
+        self.sandbox.backend.clear_failures();
+        let mgr = DeviceManager::new(
+            ManagerConfig::new(BlockDriver::VirtioScsi, 6..32),
+            self.sandbox.backend.clone(),
+            store,
+        )?;
+        *self
+            .sandbox
+            .devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(mgr));
         self.created
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1,11 +1,12 @@
 //! Create: from a bundle to a created container in the guest, undoing
 //! everything this Create did when a step fails.
 //!
-//! Steps (each recorded in `containers.json` as it completes): open the
-//! host stdio → record the container (`creating`) → start the sandbox (the
-//! first container only) → mount and share the rootfs → attach the devices
-//! → CreateContainer in the guest → `created`. TaskCreate is published only
-//! after the last step.
+//! Steps (each recorded in `sandbox.json` or, for devices, `devices.json`
+//! as it completes): resolve the container's devices on the host (once) →
+//! open the host stdio → record the container (`creating`) → start the
+//! sandbox (the first container only) → mount and share the rootfs →
+//! attach the devices → CreateContainer in the guest → `created`.
+//! TaskCreate is published only after the last step.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,10 +24,9 @@ use crate::events::TaskEvent;
 use crate::fault;
 use crate::io::{HostIo, IoContext, StdioConfig};
 use crate::mount::RootfsMount;
-use crate::sandbox::{share, AttachedDevice, ContainerRequest, Sandbox};
+use crate::sandbox::{agent_devices, share, ContainerRequest, Sandbox};
 use crate::state::{
-    self, BundleRecord, ContainerDevice, ContainerRecord, ContainerStatus, ContainerStore,
-    SandboxPaths,
+    self, BundleRecord, ContainerRecord, ContainerStatus, ProcRef, SandboxPaths, SandboxStore,
 };
 
 pub fn load_spec(bundle: &Path) -> Result<Spec> {
@@ -45,8 +45,7 @@ fn load_config(
         ConfigSource::Fixed(c) => Ok(((**c).clone(), None)),
         ConfigSource::Load => {
             let explicit = options.and_then(options::config_path);
-            let (c, source) = Config::load(explicit.as_deref())
-                .map_err(|e| Error::new(e.kind, format!("capsule: {}", e.message)))?;
+            let (c, source) = Config::load(explicit.as_deref())?;
             crate::logging::set_level(&c.log_level);
             tracing::info!(config = %source, "configuration loaded");
             let path = match source {
@@ -61,7 +60,7 @@ fn load_config(
 /// What to undo, in reverse order.
 enum Undo {
     Rootfs(Arc<dyn Sandbox>, String, PathBuf),
-    Devices(Arc<dyn Sandbox>, String, Vec<AttachedDevice>),
+    Devices(Arc<dyn Sandbox>, String),
     Container(Arc<dyn Sandbox>, String),
 }
 
@@ -69,12 +68,12 @@ async fn rollback(undo: Vec<Undo>) -> Vec<String> {
     let mut trouble = Vec::new();
     for u in undo.into_iter().rev() {
         let r = match &u {
-            Undo::Container(sb, cid) => sb.remove_container(cid).await,
-            Undo::Devices(sb, cid, devs) => sb.detach_devices(cid, devs).await,
+            Undo::Container(sb, cid) => sb.guest().remove_container(cid).await,
+            Undo::Devices(sb, cid) => sb.detach_devices(cid).await,
             Undo::Rootfs(sb, cid, bundle) => sb.release_rootfs(cid, bundle).await,
         };
         if let Err(e) = r {
-            trouble.push(e.message);
+            trouble.push(e.to_string());
         }
     }
     trouble
@@ -85,7 +84,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
     state::check_id("container id", &id)?;
     if !req.checkpoint.is_empty() {
         return Err(Error::unimplemented(
-            "capsule: restoring a container from a checkpoint is not supported",
+            "restoring a container from a checkpoint is not supported",
         ));
     }
     let bundle = PathBuf::from(&req.bundle);
@@ -100,7 +99,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
     let (config, config_path) = match lifecycle.as_ref() {
         Some(a) if a.id != sandbox_id => {
             return Err(Error::precondition(format!(
-                "capsule: container {id} belongs to sandbox {sandbox_id}, but this shim serves sandbox {}",
+                "container {id} belongs to sandbox {sandbox_id}, but this shim serves sandbox {}",
                 a.id
             )))
         }
@@ -108,7 +107,12 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         None => load_config(inner, req.options.as_ref())?,
     };
     let paths = SandboxPaths::new(&config.state_dir, &sandbox_id);
-    inner.factory.check_devices(&config, &spec)?;
+    // The one resolution of the container's devices, before anything
+    // starts: a bad device fails here, and the attach reuses this.
+    let resolved = inner
+        .factory
+        .resolve_devices(&config, &spec)
+        .map_err(|e| e.context(format!("container {id}")))?;
 
     let stdio = StdioConfig {
         stdin: req.stdin.clone(),
@@ -124,7 +128,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         },
     )
     .await
-    .map_err(|e| e.context(format!("capsule: container {id}: stdio")))?;
+    .map_err(|e| e.context(format!("container {id}: stdio")))?;
 
     state::save(
         &bundle.join(state::BUNDLE_FILE),
@@ -140,7 +144,18 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
     let new_sandbox = lifecycle.is_none();
     let store = match lifecycle.as_ref() {
         Some(a) => a.store.clone(),
-        None => Arc::new(ContainerStore::open(&paths)?),
+        None => {
+            let store = Arc::new(SandboxStore::open(&paths, &sandbox_id)?);
+            let address = inner.shim_address.clone();
+            if let Err(e) = store.update(|r| {
+                r.shim = ProcRef::current();
+                r.shim_address = Some(address);
+            }) {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                return Err(e);
+            }
+            store
+        }
     };
     let mut rec = ContainerRecord {
         id: id.clone(),
@@ -148,9 +163,8 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         status: ContainerStatus::Creating,
         rootfs_mounted: false,
         share_mounts: Vec::new(),
-        devices: Vec::new(),
     };
-    if let Err(e) = store.put(&rec) {
+    if let Err(e) = store.put_container(&rec) {
         if new_sandbox {
             let _ = std::fs::remove_dir_all(&paths.dir);
         }
@@ -183,7 +197,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
                 let hostname = creq.spec.hostname().clone().unwrap_or_default();
                 let sb = inner
                     .factory
-                    .create(&sandbox_id, &config, &hostname, &inner.shim_address)
+                    .create(&sandbox_id, &config, store.clone(), &hostname)
                     .await?;
                 started = Some(sb.clone());
                 fault::point("create.sandbox-started");
@@ -194,48 +208,42 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         undo.push(Undo::Rootfs(sb.clone(), id.clone(), bundle.clone()));
         rec.rootfs_mounted = shared.rootfs_mounted;
         rec.share_mounts = shared.share_mounts.clone();
-        store.put(&rec)?;
+        store.put_container(&rec)?;
         fault::point("create.rootfs-shared");
 
-        let devices = sb.attach_devices(&id, &creq.spec).await?;
-        undo.push(Undo::Devices(sb.clone(), id.clone(), devices.clone()));
-        rec.devices = devices
-            .iter()
-            .map(|d| ContainerDevice {
-                id: d.id.clone(),
-                container_path: d.info.container_path.clone(),
-            })
-            .collect();
-        store.put(&rec)?;
+        // Recorded, with their owner, in devices.json as they attach.
+        undo.push(Undo::Devices(sb.clone(), id.clone()));
+        let devices = sb.attach_devices(&id, resolved).await?;
         fault::point("create.devices-attached");
 
         let areq = agent::CreateContainerRequest {
             container_id: id.clone(),
             oci_spec: share::spec_json(&shared.spec)?,
             rootfs: shared.guest_rootfs.clone(),
-            devices: devices.iter().map(|d| d.agent.clone()).collect(),
+            devices: agent_devices(&devices)?,
             stdin: stdio.has_stdin(),
             ..Default::default()
         };
-        sb.create_container(areq)
+        sb.guest()
+            .create_container(areq)
             .await
-            .map_err(|e| e.context(format!("capsule: creating container {id} in the guest")))?;
+            .map_err(|e| e.context(format!("creating container {id} in the guest")))?;
         undo.push(Undo::Container(sb.clone(), id.clone()));
         rec.status = ContainerStatus::Created;
-        store.put(&rec)?;
+        store.put_container(&rec)?;
         fault::point("create.container-created");
-        Ok::<_, Error>((sb, devices))
+        Ok::<_, Error>(sb)
     }
     .await;
 
-    let (sb, devices) = match result {
+    let sb = match result {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(container = %id, error = %e, "create failed; rolling back");
             let mut trouble = rollback(undo).await;
             if let Some(sb) = started {
                 if let Err(s) = sb.shutdown().await {
-                    trouble.push(s.message);
+                    trouble.push(s.to_string());
                 }
             }
             if new_sandbox {
@@ -247,16 +255,10 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
                 )
                 .await;
                 trouble.extend(report.errors);
-            } else if let Err(s) = store.remove(&id) {
-                trouble.push(s.message);
+            } else if let Err(s) = store.remove_container(&id) {
+                trouble.push(s.to_string());
             }
             let _ = std::fs::remove_file(bundle.join(state::BUNDLE_FILE));
-            let e = if e.message.starts_with("capsule:") {
-                e
-            } else {
-                let m = format!("capsule: container {id}: {}", e.message);
-                Error::new(e.kind, m)
-            };
             return Err(if trouble.is_empty() {
                 e
             } else {
@@ -265,7 +267,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         }
     };
 
-    let pid = sb.pid();
+    let pid = sb.vm_pid();
     let init = Process::new(&id, "", stdio.clone(), None, host_io);
     let container = Arc::new(Container {
         id: id.clone(),
@@ -274,7 +276,6 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         sandbox: sb.clone(),
         init,
         execs: Mutex::new(Default::default()),
-        devices,
         record: Mutex::new(rec),
         store: store.clone(),
     });

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::sandbox::{Sandbox, SandboxFactory};
-use crate::state::{ContainerStore, SandboxPaths};
+use crate::state::{SandboxPaths, SandboxStore};
 
 mod create;
 mod ops;
@@ -66,7 +66,7 @@ pub(crate) struct Active {
     pub config: Config,
     pub config_path: Option<PathBuf>,
     pub paths: SandboxPaths,
-    pub store: Arc<ContainerStore>,
+    pub store: Arc<SandboxStore>,
 }
 
 pub(crate) struct Inner {
@@ -149,7 +149,7 @@ impl TaskService {
 
 fn reply<T>(rpc: &str, id: &str, r: Result<T>) -> ::ttrpc::Result<T> {
     r.map_err(|e| {
-        tracing::warn!(rpc, id, code = ?e.kind, error = %e.message, "request failed");
+        tracing::warn!(rpc, id, code = ?e.kind(), error = %e, "request failed");
         e.to_ttrpc()
     })
 }
@@ -223,7 +223,7 @@ impl Task for TaskService {
             "Checkpoint",
             &req.id,
             Err(Error::unimplemented(
-                "capsule: checkpoint is not supported for VM sandboxes",
+                "checkpoint is not supported for VM sandboxes",
             )),
         )
     }

@@ -61,7 +61,7 @@ fn spawn_waiter(c: Arc<Container>, p: Arc<Process>, events: Arc<dyn EventSink>) 
         return;
     }
     tokio::spawn(async move {
-        let exit = match c.sandbox.wait_process(&c.id, &p.exec_id).await {
+        let exit = match c.sandbox.guest().wait_process(&c.id, &p.exec_id).await {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(process = %p.what(), error = %e, "lost the process (VM or agent gone); reporting exit 255");
@@ -98,48 +98,58 @@ fn spawn_waiter(c: Arc<Container>, p: Arc<Process>, events: Arc<dyn EventSink>) 
 pub async fn start(inner: &Inner, req: api::StartRequest) -> Result<api::StartResponse> {
     let c = inner.container(&req.id)?;
     let p = c.process(&req.exec_id)?;
-    p.check(Op::Start)?;
+    // `Starting` from here until the agent answered: a concurrent Start is
+    // refused.
+    p.transition(Op::Start)?;
     let streams = Arc::new(AgentStreams {
         sandbox: c.sandbox.clone(),
         container_id: c.id.clone(),
         exec_id: p.exec_id.clone(),
     });
-    let guest_pid = if p.exec_id.is_empty() {
-        p.start_io(streams);
+    let guest = c.sandbox.guest();
+    let started = if p.exec_id.is_empty() {
+        p.start_io(streams.clone());
         fault::point("start.before-agent");
-        match c.sandbox.start_container(&c.id).await {
-            Ok(pid) => {
-                fault::point("start.after-agent");
-                pid
-            }
-            Err(e) => {
-                // The guest init may have died trying (exec failed): its
-                // exit makes the task stopped, as containerd expects.
-                spawn_waiter(c.clone(), p.clone(), inner.events.clone());
-                return Err(e);
-            }
+        let r = guest.start_container(&c.id).await;
+        if r.is_ok() {
+            fault::point("start.after-agent");
         }
+        r
     } else {
         fault::point("exec.before-agent");
-        let pid = c
-            .sandbox
+        let r = guest
             .exec_process(
                 &c.id,
                 &p.exec_id,
                 p.spec.clone().unwrap_or_default(),
                 p.stdio.has_stdin(),
             )
-            .await?;
-        fault::point("exec.after-agent");
-        p.start_io(streams);
-        pid
+            .await;
+        if r.is_ok() {
+            fault::point("exec.after-agent");
+            p.start_io(streams);
+        }
+        r
     };
-    // containerd and its clients take task pids for host pids: like other
-    // VM runtimes, report the VM's (QEMU's) pid; the guest pid is in the
-    // log and in Pids.
-    let pid = c.sandbox.pid();
-    tracing::info!(process = %p.what(), guest_pid, "started");
-    p.set_running(pid)?;
+    let pid = match started {
+        Ok(pid) => pid,
+        Err(e) => {
+            if let Err(t) = p.transition(Op::StartFailed) {
+                tracing::warn!(process = %p.what(), error = %t, "recording the failed start");
+            }
+            if p.exec_id.is_empty() {
+                // The guest init may have died trying (exec failed): its
+                // exit makes the task stopped, as containerd expects.
+                spawn_waiter(c.clone(), p.clone(), inner.events.clone());
+            }
+            return Err(e);
+        }
+    };
+    // Task pids are guest pids: CRI builds the pod's namespace paths
+    // (`/proc/<sandbox pid>/ns/…`) from the sandbox task's pid, and the
+    // agent joins them in the guest, where that pid is the pause process.
+    tracing::info!(process = %p.what(), pid, "started");
+    p.started(pid)?;
     let event = if p.exec_id.is_empty() {
         TaskEvent::Start(TaskStart {
             container_id: c.id.clone(),
@@ -235,6 +245,7 @@ pub async fn kill(inner: &Inner, req: api::KillRequest) -> Result<Empty> {
         return Err(Error::precondition(format!("{}: not started", p.what())));
     }
     c.sandbox
+        .guest()
         .signal_process(&c.id, &p.exec_id, req.signal, req.all)
         .await?;
     if p.exec_id.is_empty() && status == Status::Created {
@@ -269,9 +280,9 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
     if !req.exec_id.is_empty() {
         let c = inner.container(&req.id)?;
         let p = c.exec(&req.exec_id)?;
-        p.check(Op::Delete)?;
-        p.close_io().await;
         p.transition(Op::Delete)?;
+        p.close_io().await;
+        p.transition(Op::DeleteDone)?;
         c.execs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -281,9 +292,10 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
     let _lifecycle = inner.lifecycle.lock().await;
     let c = inner.container(&req.id)?;
     let p = c.init.clone();
-    let before = p.check(Op::Delete).map(|_| p.status())?;
+    // `Deleting` from here on: only the exit may still be recorded.
+    let before = p.transition(Op::Delete)?;
     fault::point("delete.before-remove");
-    if let Err(e) = c.sandbox.remove_container(&c.id).await {
+    if let Err(e) = c.sandbox.guest().remove_container(&c.id).await {
         tracing::warn!(container = %c.id, error = %e, "removing the container in the guest failed; cleaning up the host side anyway");
     }
     fault::point("delete.after-remove");
@@ -295,20 +307,20 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
     }
     p.close_io().await;
     let mut trouble = Vec::new();
-    if let Err(e) = c.sandbox.detach_devices(&c.id, &c.devices).await {
-        trouble.push(e.message);
+    if let Err(e) = c.sandbox.detach_devices(&c.id).await {
+        trouble.push(e.to_string());
     }
     fault::point("delete.devices-detached");
     if let Err(e) = c.sandbox.release_rootfs(&c.id, &c.bundle).await {
-        trouble.push(e.message);
+        trouble.push(e.to_string());
     }
-    if let Err(e) = c.store.remove(&c.id) {
-        trouble.push(e.message);
+    if let Err(e) = c.store.remove_container(&c.id) {
+        trouble.push(e.to_string());
     }
     if !trouble.is_empty() {
         tracing::error!(container = %c.id, trouble = %trouble.join("; "), "delete left host-side trouble (the sandbox cleanup handles it when the shim goes)");
     }
-    p.transition(Op::Delete)?;
+    p.transition(Op::DeleteDone)?;
     inner.containers().remove(&c.id);
     let resp = delete_response(&p);
     inner
@@ -335,7 +347,7 @@ async fn p_close(p: &Process) {
 
 pub async fn pids(inner: &Inner, req: api::PidsRequest) -> Result<api::PidsResponse> {
     let c = inner.container(&req.id)?;
-    let list = c.sandbox.list_processes(&c.id).await?;
+    let list = c.sandbox.guest().list_processes(&c.id).await?;
     let processes = list
         .into_iter()
         .map(|(pid, exec_id)| {
@@ -367,9 +379,12 @@ pub async fn pids(inner: &Inner, req: api::PidsRequest) -> Result<api::PidsRespo
 
 pub async fn pause(inner: &Inner, req: api::PauseRequest) -> Result<Empty> {
     let c = inner.container(&req.id)?;
-    c.init.check(Op::Pause)?;
-    c.sandbox.pause(&c.id).await?;
     c.init.transition(Op::Pause)?;
+    if let Err(e) = c.sandbox.guest().pause(&c.id).await {
+        let _ = c.init.transition(Op::PauseFailed);
+        return Err(e);
+    }
+    c.init.transition(Op::PauseDone)?;
     c.set_status(ContainerStatus::Paused);
     inner
         .events
@@ -383,9 +398,12 @@ pub async fn pause(inner: &Inner, req: api::PauseRequest) -> Result<Empty> {
 
 pub async fn resume(inner: &Inner, req: api::ResumeRequest) -> Result<Empty> {
     let c = inner.container(&req.id)?;
-    c.init.check(Op::Resume)?;
-    c.sandbox.resume(&c.id).await?;
     c.init.transition(Op::Resume)?;
+    if let Err(e) = c.sandbox.guest().resume(&c.id).await {
+        let _ = c.init.transition(Op::ResumeFailed);
+        return Err(e);
+    }
+    c.init.transition(Op::ResumeDone)?;
     c.set_status(ContainerStatus::Running);
     inner
         .events
@@ -404,6 +422,7 @@ pub async fn resize_pty(inner: &Inner, req: api::ResizePtyRequest) -> Result<Emp
         return Err(Error::precondition(format!("{} has no terminal", p.what())));
     }
     c.sandbox
+        .guest()
         .resize_pty(&c.id, &p.exec_id, req.height, req.width)
         .await?;
     Ok(Empty::new())
@@ -434,13 +453,13 @@ pub async fn update(inner: &Inner, req: api::UpdateTaskRequest) -> Result<Empty>
             req.resources.type_url
         ))
     })?;
-    c.sandbox.update(&c.id, resources).await?;
+    c.sandbox.guest().update(&c.id, resources).await?;
     Ok(Empty::new())
 }
 
 pub async fn stats(inner: &Inner, req: api::StatsRequest) -> Result<api::StatsResponse> {
     let c = inner.container(&req.id)?;
-    let s = c.sandbox.stats(&c.id).await?;
+    let s = c.sandbox.guest().stats(&c.id).await?;
     Ok(api::StatsResponse {
         stats: MessageField::some(super::stats::to_any(&s)?),
         ..Default::default()
@@ -449,7 +468,7 @@ pub async fn stats(inner: &Inner, req: api::StatsRequest) -> Result<api::StatsRe
 
 pub async fn connect(inner: &Inner, req: api::ConnectRequest) -> Result<api::ConnectResponse> {
     let task_pid = match inner.containers().get(&req.id) {
-        Some(c) => c.sandbox.pid(),
+        Some(c) => c.init.pid(),
         None => 0,
     };
     Ok(api::ConnectResponse {

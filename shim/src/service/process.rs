@@ -10,8 +10,8 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::io::{HostIo, ProcessIo, StdioConfig, Stream, Streams};
-use crate::sandbox::{AttachedDevice, ExitStatus, Sandbox};
-use crate::state::{ContainerRecord, ContainerStatus, ContainerStore};
+use crate::sandbox::{ExitStatus, Sandbox};
+use crate::state::{ContainerRecord, ContainerStatus, SandboxStore};
 use crate::task::{Op, Status};
 
 /// How long output may take to drain after a process exited, before its
@@ -102,17 +102,19 @@ impl Process {
         self.st().status.apply(op, &self.what())
     }
 
-    /// Applies `op`.
+    /// Applies `op` atomically; returns the state it left (so a caller that
+    /// holds a transitional state knows where it came from).
     pub fn transition(&self, op: Op) -> Result<Status> {
         let mut st = self.st();
-        let next = st.status.apply(op, &self.what())?;
-        st.status = next;
-        Ok(next)
+        let before = st.status;
+        st.status = before.apply(op, &self.what())?;
+        Ok(before)
     }
 
-    pub fn set_running(&self, pid: u32) -> Result<()> {
+    /// Ends `Starting`: running as guest pid `pid` (or stopped already).
+    pub fn started(&self, pid: u32) -> Result<()> {
         let mut st = self.st();
-        st.status = st.status.apply(Op::Start, &self.what())?;
+        st.status = st.status.apply(Op::Started, &self.what())?;
         st.pid = pid;
         Ok(())
     }
@@ -186,14 +188,13 @@ pub struct Container {
     pub sandbox: Arc<dyn Sandbox>,
     pub init: Arc<Process>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
-    pub devices: Vec<AttachedDevice>,
     pub record: Mutex<ContainerRecord>,
-    pub store: Arc<ContainerStore>,
+    pub store: Arc<SandboxStore>,
 }
 
 impl Container {
-    /// Records a new status in `containers.json` (best effort: the record
-    /// only guides cleanup, which does not depend on the status).
+    /// Records a new status in `sandbox.json` (best effort: the record only
+    /// guides cleanup, which does not depend on the status).
     pub fn set_status(&self, status: ContainerStatus) {
         let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
         rec.status = status;
@@ -243,6 +244,7 @@ pub struct AgentStreams {
 impl Streams for AgentStreams {
     async fn read(&self, stream: Stream, len: u32) -> Result<Vec<u8>> {
         self.sandbox
+            .guest()
             .read_output(
                 &self.container_id,
                 &self.exec_id,
@@ -253,11 +255,13 @@ impl Streams for AgentStreams {
     }
     async fn write_stdin(&self, data: &[u8]) -> Result<usize> {
         self.sandbox
+            .guest()
             .write_stdin(&self.container_id, &self.exec_id, data)
             .await
     }
     async fn close_stdin(&self) -> Result<()> {
         self.sandbox
+            .guest()
             .close_stdin(&self.container_id, &self.exec_id)
             .await
     }

@@ -14,7 +14,7 @@ use crate::error::Kind;
 use crate::events::RecordingSink;
 use crate::sandbox::fake::{FakeFactory, FakeSandbox, Step};
 use crate::sandbox::GuestStats;
-use crate::state::{self, ContainersFile, SandboxPaths};
+use crate::state::{self, SandboxPaths, SandboxRecord};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -33,7 +33,7 @@ fn env() -> Env {
         ..Config::default()
     };
     let sink = RecordingSink::new();
-    let factory = FakeFactory::default();
+    let factory = FakeFactory::new(&dir.path().join("host"));
     let exit = Arc::new(ExitSignal::default());
     let svc = TaskService::new(
         "testns",
@@ -162,8 +162,8 @@ impl Env {
         SandboxPaths::new(&self.config.state_dir, sandbox)
     }
 
-    fn containers(&self, sandbox: &str) -> Option<ContainersFile> {
-        state::load::<ContainersFile>(&self.paths(sandbox).containers_file()).unwrap()
+    fn containers(&self, sandbox: &str) -> Option<SandboxRecord> {
+        state::load::<SandboxRecord>(&self.paths(sandbox).sandbox_file()).unwrap()
     }
 
     fn status(&self, id: &str) -> api::StateResponse {
@@ -261,11 +261,11 @@ async fn exec_kill_delete_events_and_errors() {
         ..Default::default()
     };
     let err = ops::exec(&e.svc.inner, exec_req("e1")).await.unwrap_err();
-    assert_eq!(err.kind, Kind::FailedPrecondition);
+    assert_eq!(err.kind(), Kind::FailedPrecondition);
     e.start("c1", "").await.unwrap();
     // Starting twice is refused.
     assert_eq!(
-        e.start("c1", "").await.unwrap_err().kind,
+        e.start("c1", "").await.unwrap_err().kind(),
         Kind::FailedPrecondition
     );
 
@@ -274,25 +274,31 @@ async fn exec_kill_delete_events_and_errors() {
         ops::exec(&e.svc.inner, exec_req("e1"))
             .await
             .unwrap_err()
-            .kind,
+            .kind(),
         Kind::AlreadyExists
     );
     let pid = e.start("c1", "e1").await.unwrap();
-    assert_eq!(pid, 4242, "task pids are the VM's pid");
+    // Task pids are the guest's (the fake's init is 1, its execs 10x), never
+    // the VM's.
+    assert_eq!(e.status("c1").pid, 1);
+    assert!(pid > 100 && pid != 4242, "{pid}");
     e.kill("c1", "e1", 9).await.unwrap();
     assert_eq!(e.wait("c1", "e1").await, 137);
     // A finished process cannot be signalled.
     assert_eq!(
-        e.kill("c1", "e1", 9).await.unwrap_err().kind,
+        e.kill("c1", "e1", 9).await.unwrap_err().kind(),
         Kind::NotFound
     );
     let d = e.delete("c1", "e1").await.unwrap();
     assert_eq!(d.exit_status, 137);
-    assert_eq!(e.delete("c1", "e1").await.unwrap_err().kind, Kind::NotFound);
+    assert_eq!(
+        e.delete("c1", "e1").await.unwrap_err().kind(),
+        Kind::NotFound
+    );
 
     // The running init cannot be deleted; after SIGTERM it can.
     assert_eq!(
-        e.delete("c1", "").await.unwrap_err().kind,
+        e.delete("c1", "").await.unwrap_err().kind(),
         Kind::FailedPrecondition
     );
     e.kill("c1", "", 15).await.unwrap();
@@ -310,7 +316,7 @@ async fn exec_kill_delete_events_and_errors() {
             "delete c1"
         ]
     );
-    assert_eq!(e.delete("c1", "").await.unwrap_err().kind, Kind::NotFound);
+    assert_eq!(e.delete("c1", "").await.unwrap_err().kind(), Kind::NotFound);
 }
 
 #[tokio::test]
@@ -356,7 +362,12 @@ async fn pod_containers_share_one_sandbox_and_devices() {
     assert_eq!(e.fake.attached().get("7:5"), Some(&2));
     let rec = e.containers("pod1").unwrap();
     assert_eq!(rec.containers.len(), 2);
-    assert_eq!(rec.containers["app1"].devices[0].id, "7:5");
+    // devices.json says who uses the disk: both containers.
+    let mgr = e.fake.device_manager().unwrap();
+    let (a, p) = (mgr.container_devices("app1"), mgr.container_devices("pod1"));
+    assert_eq!((a.len(), p.len()), (1, 1));
+    assert_eq!(a[0].id, p[0].id);
+    assert_eq!(a[0].request.minor, 5);
     // A container of another pod is refused by this shim.
     let other = e.bundle(
         "app2",
@@ -367,8 +378,8 @@ async fn pod_containers_share_one_sandbox_and_devices() {
         &[],
     );
     let err = e.create("app2", &other, "").await.unwrap_err();
-    assert_eq!(err.kind, Kind::FailedPrecondition);
-    assert!(err.message.contains("pod1"), "{err}");
+    assert_eq!(err.kind(), Kind::FailedPrecondition);
+    assert!(err.to_string().contains("pod1"), "{err}");
     // Deleting one user keeps the device; the last one releases it.
     e.delete("app1", "").await.unwrap();
     assert_eq!(e.fake.attached().get("7:5"), Some(&1));
@@ -378,6 +389,57 @@ async fn pod_containers_share_one_sandbox_and_devices() {
     assert!(e.fake.attached().is_empty());
     e.shutdown().await;
     assert!(exited(&e.exit));
+}
+
+#[tokio::test]
+async fn create_resolves_each_device_once_and_devices_json_names_the_owner() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let e = env();
+    let b = e.bundle("c1", &[], &[("/dev/a", 1), ("/dev/b", 2), ("/dev/c", 3)]);
+    e.create("c1", &b, "").await.unwrap();
+    assert_eq!(
+        e.factory.resolutions.load(SeqCst),
+        1,
+        "one resolution per Create"
+    );
+    assert_eq!(
+        e.factory.devices_resolved.load(SeqCst),
+        3,
+        "each device once"
+    );
+    let app = e.bundle(
+        "app1",
+        &[
+            ("io.kubernetes.cri.container-type", "container"),
+            ("io.kubernetes.cri.sandbox-id", "c1"),
+        ],
+        &[("/dev/b", 2)],
+    );
+    e.create("app1", &app, "").await.unwrap();
+    assert_eq!(e.factory.resolutions.load(SeqCst), 2);
+    assert_eq!(e.factory.devices_resolved.load(SeqCst), 4);
+
+    // devices.json alone: loop1..3 used by c1, loop2 also by app1.
+    let bytes = std::fs::read(e.paths("c1").devices_file()).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut uses: Vec<(u64, String)> = Vec::new();
+    for d in v["devices"].as_array().unwrap() {
+        for u in d["uses"].as_array().unwrap() {
+            uses.push((
+                u["request"]["minor"].as_u64().unwrap(),
+                u["owner"]["name"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    uses.sort();
+    let want: Vec<(u64, String)> = [(1, "c1"), (2, "app1"), (2, "c1"), (3, "c1")]
+        .iter()
+        .map(|(m, o)| (*m, o.to_string()))
+        .collect();
+    assert_eq!(uses, want);
+    // sandbox.json holds no device list of its own.
+    let rec = std::fs::read_to_string(e.paths("c1").sandbox_file()).unwrap();
+    assert!(!rec.contains("\"devices\""), "{rec}");
 }
 
 #[tokio::test]
@@ -392,7 +454,16 @@ async fn failed_create_rolls_back_every_step() {
         let b = e.bundle("c1", &[], &[("/dev/a", 1), ("/dev/b", 2)]);
         e.fake.fail_at(step);
         let err = e.create("c1", &b, "").await.unwrap_err();
-        assert!(err.message.starts_with("capsule:"), "{step:?}: {err}");
+        match err.to_ttrpc() {
+            ttrpc::Error::RpcStatus(st) => {
+                assert!(st.message().starts_with("capsule: "), "{step:?}: {err}");
+                assert!(
+                    !st.message().starts_with("capsule: capsule:"),
+                    "{step:?}: {err}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             e.fake.attached().is_empty(),
             "{step:?}: {:?}",
@@ -470,7 +541,7 @@ async fn pause_resume_stats_pids_update_resize() {
         )
         .await
         .unwrap_err()
-        .kind,
+        .kind(),
         Kind::FailedPrecondition
     );
     ops::resume(
@@ -542,7 +613,7 @@ async fn pause_resume_stats_pids_update_resize() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.kind, Kind::FailedPrecondition);
+    assert_eq!(err.kind(), Kind::FailedPrecondition);
     let c = ops::connect(
         inner,
         api::ConnectRequest {
@@ -552,7 +623,11 @@ async fn pause_resume_stats_pids_update_resize() {
     )
     .await
     .unwrap();
-    assert_eq!((c.shim_pid, c.task_pid), (std::process::id(), 4242));
+    assert_eq!(
+        (c.shim_pid, c.task_pid),
+        (std::process::id(), 1),
+        "the guest pid"
+    );
 }
 
 /// Over a real ttrpc socket: the service answers under containerd 1.6's

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capsule_hypervisor::process::ExitInfo;
-use capsule_hypervisor::{QemuVm, RunningVm};
+use capsule_hypervisor::QemuVm;
 use tokio::sync::watch::Receiver;
 
 use crate::error::Error;
@@ -87,7 +87,7 @@ impl Exits {
             r = work => r,
             fault = self.first() => {
                 tracing::error!(%fault, doing, "sandbox helper exited during Create");
-                Err(Error::internal(format!("capsule: {fault} while {doing}"))
+                Err(Error::internal(format!("{fault} while {doing}"))
                     .note(super::console_tail(console_log)))
             }
         }
@@ -117,7 +117,7 @@ pub async fn watch(sandbox: String, vm: QemuVm, exits: Exits, stopping: Arc<Atom
                 exit = %exit,
                 "virtiofsd exited while the sandbox runs; the shared filesystem is gone: stopping the VM (its containers are reported exited)"
             );
-            if let Err(e) = RunningVm::stop(&vm).await {
+            if let Err(e) = vm.stop().await {
                 tracing::error!(sandbox = %sandbox, error = %e, "stopping the VM after virtiofsd exited");
             }
         }
@@ -180,10 +180,9 @@ mod tests {
             .unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(2));
         assert!(
-            err.message
+            err.to_string()
                 .contains("QEMU (pid 10) exited (signal 9) while waiting for the guest agent"),
-            "{}",
-            err.message
+            "{err}"
         );
     }
 

@@ -19,13 +19,13 @@ const METHOD_PSS: &str = "PSS (/proc/PID/smaps_rollup) of the processes serving 
 /// PSS (MiB) of one capsule sandbox: (QEMU, virtiofsd, shim).
 pub fn sandbox_pss(env: &Env, sandbox: &str) -> Result<(f64, f64, f64)> {
     let rec = env
-        .vm_record(sandbox)
-        .ok_or_else(|| anyhow!("no vm.json for {sandbox}"))?;
+        .sandbox_record(sandbox)
+        .ok_or_else(|| anyhow!("no sandbox.json for {sandbox}"))?;
     let pid = |k: &str| {
         rec[k]["pid"]
             .as_u64()
             .map(|p| p as u32)
-            .ok_or_else(|| anyhow!("vm.json of {sandbox}: no {k}.pid"))
+            .ok_or_else(|| anyhow!("sandbox.json of {sandbox}: no {k}.pid"))
     };
     Ok((
         pss_tree_mib(pid("qemu")?)?,

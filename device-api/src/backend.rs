@@ -1,11 +1,13 @@
-//! The seam between the device manager and a hypervisor. The manager decides
-//! *what* to attach and owns every address; a backend makes it happen and
+//! The backend trait. The device manager decides *what* to attach and owns
+//! every address (see [`crate::needs`]); a backend makes it happen and
 //! reports where the guest will find it. Nothing here knows about QEMU.
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use crate::device::{BlockDriver, DeviceKind, GuestAddress, ScsiAddr};
+use crate::kind::{BlockDriver, DeviceKind, GuestAddress};
+use crate::needs::Needs;
+use crate::ScsiAddr;
 
 /// Everything a backend needs to plug one device. Built by the manager from
 /// its record; ids and addresses are already allocated.
@@ -25,9 +27,34 @@ pub struct AttachRequest {
     pub drive_name: Option<String>,
     pub scsi_addr: Option<ScsiAddr>,
     pub pmem_index: Option<u32>,
-    /// Allocated PCI slots (root port or bus slot numbers), one per PCI
-    /// function the device needs; empty when the backend chooses.
+    /// Allocated PCI slots (root port or bus slot numbers), exactly one per
+    /// PCI function the device needs ([`Needs::pci_slots`]).
     pub pci_slots: Vec<u32>,
+}
+
+impl AttachRequest {
+    /// What the device needs from the machine.
+    pub fn needs(&self) -> Needs {
+        Needs::of(&self.kind, self.driver)
+    }
+
+    /// Refuses a request that does not carry the PCI slots its kind needs:
+    /// backends never choose addresses themselves.
+    pub fn check_slots(&self) -> Result<(), BackendError> {
+        let need = self.needs().pci_slots;
+        if self.pci_slots.len() == need {
+            return Ok(());
+        }
+        Err(BackendError::new(
+            BackendErrorKind::Failed,
+            format!(
+                "device {}: a {} device needs {need} allocated PCI slot(s), the request carries {}",
+                self.id,
+                self.kind.name(),
+                self.pci_slots.len()
+            ),
+        ))
+    }
 }
 
 /// Result of an unplug request.
