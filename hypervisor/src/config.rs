@@ -216,6 +216,10 @@ pub struct VmConfig {
     /// For tests: a runtime that must survive its own restart leaves it off.
     #[serde(default)]
     pub die_with_parent: bool,
+    /// Run QEMU under its seccomp sandbox (`-sandbox on,...`: no obsolete
+    /// syscalls, privilege changes, fork/exec or resource control).
+    #[serde(default = "default_true")]
+    pub seccomp_sandbox: bool,
 }
 
 fn default_qemu() -> PathBuf {
@@ -256,6 +260,7 @@ impl VmConfig {
             rng: true,
             timeouts: Timeouts::default(),
             die_with_parent: false,
+            seccomp_sandbox: true,
         }
     }
 

@@ -178,12 +178,13 @@ pub fn start(flags: &Flags) -> Result<String, String> {
 
 /// Redirects stdout to /dev/null: tells `start` the server is up.
 fn release_stdout() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
-        // SAFETY: dup2 onto fd 1 of this process.
-        unsafe {
-            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
-        }
+    let done = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .and_then(|null| nix::unistd::dup2_stdout(&null).map_err(std::io::Error::from));
+    if let Err(e) = done {
+        // `start` then gives up after its deadline and reports it.
+        tracing::error!(error = %e, "cannot release stdout to tell `start` the shim listens");
     }
 }
 
@@ -194,8 +195,10 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// The shim server.
+/// The shim server. Everything it creates (state, logs, sockets; also what
+/// QEMU and virtiofsd create, as they inherit it) is private: umask 077.
 pub fn serve(flags: &Flags) -> i32 {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if flags.socket.is_empty() {
         eprintln!("containerd-shim-capsule-v2: -socket is required");
         return 2;

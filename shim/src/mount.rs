@@ -1,8 +1,17 @@
 //! Host mounts: container rootfs, bind mounts into the sandbox share, and
 //! finding/removing what is mounted under a directory.
-use std::path::{Path, PathBuf};
+//!
+//! The share is visible to the guest, which may plant symlinks in it: a
+//! mount point inside it is created and mounted on without following any
+//! symlink (each component opened with `O_NOFOLLOW` below the share's own
+//! directory, the mount made on `/proc/self/fd/N` of the opened target),
+//! and unmounts never follow one.
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
 
+use nix::fcntl::{openat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{mkdirat, Mode};
 
 use crate::error::{Error, Result};
 
@@ -38,45 +47,126 @@ pub fn mount_rootfs(mounts: &[RootfsMount], target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Bind-mounts `src` (file or directory) on `dst`, creating `dst`;
-/// read-only when asked.
-pub fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<()> {
+/// Opens (creating it) the directory `rel` below `root`, never following
+/// a symlink: every component is opened with `O_NOFOLLOW` relative to the
+/// one before.
+fn open_dir_below(root: &Path, rel: &Path, what: &dyn Fn() -> String) -> Result<OwnedFd> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let sys = |op: &str, e: nix::Error| {
+        crate::error::io(format!("{}: {op}", what()), std::io::Error::from(e))
+    };
+    let mut dir = openat(nix::fcntl::AT_FDCWD, root, flags | OFlag::O_RDONLY, Mode::empty())
+        .map_err(|e| sys(&format!("opening {}", root.display()), e))?;
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            return Err(Error::invalid(format!(
+                "{}: {} is not a plain relative path",
+                what(),
+                rel.display()
+            )));
+        };
+        match mkdirat(&dir, name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(sys(&format!("creating {}", name.to_string_lossy()), e)),
+        }
+        dir = openat(&dir, name, flags | OFlag::O_RDONLY, Mode::empty()).map_err(|e| {
+            sys(
+                &format!(
+                    "opening {} (a symlink is never followed)",
+                    name.to_string_lossy()
+                ),
+                e,
+            )
+        })?;
+    }
+    Ok(dir)
+}
+
+/// The path that reaches what `fd` refers to without any lookup.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Bind-mounts `src` (file or directory) on `root/rel`, creating the mount
+/// point without following a symlink anywhere below `root`; read-only when
+/// asked.
+pub fn bind_below(root: &Path, rel: &Path, src: &Path, read_only: bool) -> Result<()> {
+    let dst = root.join(rel);
     let what = || format!("bind-mounting {} on {}", src.display(), dst.display());
     let meta = std::fs::metadata(src).map_err(|e| crate::error::io(what(), e))?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(dst).map_err(|e| crate::error::io(what(), e))?;
-    } else {
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| crate::error::io(what(), e))?;
+    let (parent, name) = match (rel.parent(), rel.file_name()) {
+        (Some(p), Some(n)) => (p, n),
+        _ => {
+            return Err(Error::invalid(format!(
+                "{}: no mount point name in {}",
+                what(),
+                rel.display()
+            )))
         }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dst)
-            .map_err(|e| crate::error::io(what(), e))?;
+    };
+    let dir = open_dir_below(root, parent, &what)?;
+    let sys = |op: &str, e: nix::Error| {
+        crate::error::io(format!("{}: {op}", what()), std::io::Error::from(e))
+    };
+    let target = if meta.is_dir() {
+        match mkdirat(&dir, name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(sys("creating the mount point", e)),
+        }
+        openat(
+            &dir,
+            name,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    } else {
+        drop(
+            openat(
+                &dir,
+                name,
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(|e| sys("creating the mount point", e))?,
+        );
+        openat(
+            &dir,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
     }
+    .map_err(|e| sys("opening the mount point (a symlink is never followed)", e))?;
     mount(
         Some(src),
-        dst,
+        &fd_path(&target),
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| Error::internal(format!("{}: {e}", what())))?;
+    .map_err(|e| sys("mount", e))?;
     if read_only {
-        if let Err(e) = mount(
-            None::<&str>,
-            dst,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        ) {
-            let _ = umount2(dst, MntFlags::MNT_DETACH);
-            return Err(Error::internal(format!(
-                "{} (read-only remount): {e}",
-                what()
-            )));
+        // The mount now sits on `name`: open it again to reach the new
+        // mount's root, not the directory under it.
+        let remount = openat(
+            &dir,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(|m| {
+            mount(
+                None::<&str>,
+                &fd_path(&m),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        });
+        if let Err(e) = remount {
+            let _ = umount2(&fd_path(&target), MntFlags::MNT_DETACH);
+            let _ = umount2(&dst, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+            return Err(sys("read-only remount", e));
         }
     }
     Ok(())
@@ -177,7 +267,7 @@ pub fn unmount_under(prefix: &Path) -> Vec<String> {
         }
         errors.clear();
         for t in &targets {
-            if let Err(e) = umount2(t, MntFlags::MNT_DETACH) {
+            if let Err(e) = umount2(t, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
                     errors.push(format!("unmounting {}: {e}", t.display()));
                 }
@@ -199,6 +289,36 @@ mod tests {
 43 40 0:43 / /run/capsule/sandboxes/s1/shared/c1/rootfs rw - overlay overlay rw
 44 22 0:44 / /run/capsule/sandboxes/s10 rw - tmpfs tmpfs rw
 ";
+
+    #[test]
+    fn bind_below_never_follows_a_planted_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let share = d.path().join("share");
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "x").unwrap();
+        // The guest planted share/c1 -> victim.
+        std::os::unix::fs::symlink(&victim, share.join("c1")).unwrap();
+        let e = bind_below(&share, Path::new("c1/rootfs"), &src, false).unwrap_err();
+        assert!(e.to_string().contains("symlink is never followed"), "{e}");
+        assert!(std::fs::read_dir(&victim).unwrap().next().is_none());
+        // A symlink as the last component is refused too.
+        std::fs::create_dir_all(share.join("c2")).unwrap();
+        std::os::unix::fs::symlink(&victim, share.join("c2/rootfs")).unwrap();
+        assert!(bind_below(&share, Path::new("c2/rootfs"), &src, false).is_err());
+        assert!(!is_mount_point(&victim));
+        // A plain path works, read-only too, and unmounts.
+        bind_below(&share, Path::new("c3/rootfs"), &src, true).unwrap();
+        let m = share.join("c3/rootfs");
+        assert!(is_mount_point(&m));
+        assert!(std::fs::write(m.join("g"), "y").is_err(), "read-only");
+        assert!(unmount_under(&share.join("c3")).is_empty());
+        assert!(!is_mount_point(&m));
+        assert!(bind_below(&share, Path::new("../x"), &src, false).is_err());
+    }
 
     #[test]
     fn mountinfo_parsing_and_order() {

@@ -90,6 +90,12 @@ pub fn build_argv(input: &ArgvInput<'_>) -> Result<Vec<String>, String> {
         ]
         .map(String::from),
     );
+    if cfg.seccomp_sandbox {
+        // QEMU's own seccomp filter: no obsolete syscalls, no privilege
+        // changes, no fork/exec, no scheduler or resource changes.
+        a.push("-sandbox".into());
+        a.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
+    }
     let mut push = |k: &str, v: String| {
         a.push(k.to_owned());
         a.push(v);
@@ -252,6 +258,20 @@ mod tests {
             ]
         );
         assert_eq!(pairs(&a, "-mon"), ["chardev=qmp0,mode=control"]);
+        assert_eq!(
+            pairs(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        let mut open = c.clone();
+        open.seccomp_sandbox = false;
+        let a = build_argv(&ArgvInput {
+            config: &open,
+            accel: Accel::Tcg,
+            vsock: false,
+            coldplug: &[],
+        })
+        .unwrap();
+        assert!(pairs(&a, "-sandbox").is_empty());
     }
 
     #[test]

@@ -69,10 +69,10 @@ pub fn prepare(shared_dir: &Path, c: &ContainerRequest) -> Result<SharedRootfs> 
             .and_then(|r| r.readonly())
             .unwrap_or(false);
         let cdir = shared_dir.join(&c.id);
-        let target = cdir.join("rootfs");
-        mount::bind(&source, &target, read_only)?;
-        out.share_mounts.push(target);
-        share_bind_mounts(&cdir, &c.id, &mut out)?;
+        let rel = Path::new(&c.id).join("rootfs");
+        mount::bind_below(shared_dir, &rel, &source, read_only)?;
+        out.share_mounts.push(shared_dir.join(rel));
+        share_bind_mounts(shared_dir, &cdir, &c.id, &mut out)?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -84,7 +84,12 @@ pub fn prepare(shared_dir: &Path, c: &ContainerRequest) -> Result<SharedRootfs> 
     Ok(out)
 }
 
-fn share_bind_mounts(cdir: &Path, cid: &str, out: &mut SharedRootfs) -> Result<()> {
+fn share_bind_mounts(
+    shared_dir: &Path,
+    cdir: &Path,
+    cid: &str,
+    out: &mut SharedRootfs,
+) -> Result<()> {
     let Some(mounts) = out.spec.mounts().clone() else {
         return Ok(());
     };
@@ -117,9 +122,9 @@ fn share_bind_mounts(cdir: &Path, cid: &str, out: &mut SharedRootfs) -> Result<(
             .map(|b| b.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
         let name = format!("{i}-{base}");
-        let dst = cdir.join("mounts").join(&name);
-        mount::bind(src, &dst, is_read_only(m))?;
-        out.share_mounts.push(dst);
+        let rel = Path::new(cid).join("mounts").join(&name);
+        mount::bind_below(shared_dir, &rel, src, is_read_only(m))?;
+        out.share_mounts.push(cdir.join("mounts").join(&name));
         rewritten[i].set_source(Some(PathBuf::from(format!("{cid}/mounts/{name}"))));
     }
     out.spec.set_mounts(Some(rewritten));

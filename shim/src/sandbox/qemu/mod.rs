@@ -137,6 +137,25 @@ fn console_tail(path: &Path) -> String {
     )
 }
 
+/// Makes sockets QEMU and virtiofsd created private (0600): the process
+/// umask already keeps every other state file 0600.
+fn restrict_sockets(sockets: &[&Path]) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    for s in sockets {
+        let meta = std::fs::symlink_metadata(s)
+            .map_err(|e| crate::error::io(format!("checking {}", s.display()), e))?;
+        if !meta.file_type().is_socket() {
+            return Err(Error::internal(format!(
+                "{} is not a socket; refusing to change it",
+                s.display()
+            )));
+        }
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| crate::error::io(format!("making {} private", s.display()), e))?;
+    }
+    Ok(())
+}
+
 fn private_dir(d: &Path) -> Result<()> {
     capsule_state_file::create_private_dir(d)
         .map_err(|e| crate::error::io(format!("creating {}", d.display()), e))
@@ -150,7 +169,13 @@ async fn start(
     hostname: &str,
 ) -> Result<QemuSandbox> {
     let vm_config = vm_config(config, paths)?;
-    for d in [&paths.dir, &paths.shared_dir(), &paths.run_dir()] {
+    for d in [
+        &config.state_dir,
+        &config.sandboxes_dir(),
+        &paths.dir,
+        &paths.shared_dir(),
+        &paths.run_dir(),
+    ] {
         private_dir(d)?;
     }
     // The device state lock, held for the shim's whole life.
@@ -180,6 +205,7 @@ async fn start(
     )
     .await
     .map_err(|e| e.context("starting virtiofsd"))?;
+    restrict_sockets(&[&paths.virtiofsd_socket()])?;
 
     let recorder = store.clone();
     let builder = VmBuilder::new(vm_config)?.record_with(Box::new(move |desc| {
@@ -211,6 +237,7 @@ async fn start(
         .await
         .map_err(|e| Error::from(e).context("starting the VM"))?;
     crate::fault::point("boot.vm-started");
+    restrict_sockets(&[&vm.description().qmp_socket, &vm.description().agent_socket])?;
 
     // From here on, QEMU or virtiofsd exiting fails Create at once.
     let exits = faults::Exits {
