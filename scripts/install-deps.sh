@@ -14,6 +14,7 @@ APT_PACKAGES=(
   e2fsprogs util-linux   # mkfs, losetup
   libcap-ng-dev libseccomp-dev pkg-config  # cargo install virtiofsd
   socat                  # poking unix sockets by hand when debugging
+  iproute2               # ip/tc: network test fixtures (namespaces, veths, qdiscs)
 )
 
 missing=()

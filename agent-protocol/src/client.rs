@@ -332,6 +332,9 @@ rpcs! {
     tty_win_resize(TtyWinResizeRequest) -> Empty, "TtyWinResize", default;
     add_device(AddDeviceRequest) -> AddDeviceResponse, "AddDevice", default;
     remove_device(RemoveDeviceRequest) -> Empty, "RemoveDevice", default;
+    /// Waits up to the request's `timeout_ms` for the interfaces: the
+    /// connection's call timeout must be longer.
+    setup_network(SetupNetworkRequest) -> Empty, "SetupNetwork", default;
 }
 
 async fn open_after_drop(

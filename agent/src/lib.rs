@@ -7,11 +7,13 @@
 //! vsock), [`service`] (RPCs) over [`sandbox`] (state) and [`container`]
 //! (create/start/exec, with the re-executed child in `container::child`),
 //! [`process`] + [`stdio`] + [`reaper`] + [`spawn`] (processes), [`storage`]
-//! (virtio-fs and block mounts), [`device`] (in-guest device discovery).
+//! (virtio-fs and block mounts), [`device`] (in-guest device discovery),
+//! [`network`] (virtio-net interfaces, routes, neighbours).
 pub mod container;
 pub mod device;
 pub mod error;
 pub mod init;
+pub mod network;
 pub mod paths;
 pub mod process;
 pub mod reaper;

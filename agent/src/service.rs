@@ -19,6 +19,7 @@ pub struct AgentService {
     pub sandbox: Arc<Sandbox>,
     /// Extra feature names for GuestDetails (transport-dependent).
     pub features: Vec<String>,
+    pub network: crate::network::Network,
 }
 
 type TtResult<T> = ttrpc::Result<T>;
@@ -53,7 +54,11 @@ fn exec_id_ok(cid: &str, exec_id: &str) -> Result<()> {
 
 impl AgentService {
     pub fn new(sandbox: Arc<Sandbox>, features: Vec<String>) -> Self {
-        Self { sandbox, features }
+        Self {
+            sandbox,
+            features,
+            network: crate::network::Network::new(),
+        }
     }
 
     fn guest_details(&self) -> GuestDetailsResponse {
@@ -71,6 +76,7 @@ impl AgentService {
             "virtiofs",
             "devices",
             "exec",
+            "network",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -428,6 +434,16 @@ impl Agent for AgentService {
         }
         .await;
         done("AddDevice", r)
+    }
+
+    async fn setup_network(&self, _: &TtrpcContext, req: SetupNetworkRequest) -> TtResult<Empty> {
+        tracing::info!(
+            interfaces = req.interfaces.len(),
+            routes = req.routes.len(),
+            "SetupNetwork"
+        );
+        let r = self.network.setup(&req).await;
+        done("SetupNetwork", r.map(|_| Empty::new()))
     }
 
     async fn remove_device(&self, _: &TtrpcContext, req: RemoveDeviceRequest) -> TtResult<Empty> {

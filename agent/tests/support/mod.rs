@@ -13,6 +13,7 @@
 //! QEMU is launched only by the hypervisor crate (see [`qemu`]).
 #![allow(dead_code)]
 
+pub mod net;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
