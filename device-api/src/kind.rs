@@ -156,6 +156,82 @@ pub struct VfioGroup {
     pub functions: Vec<VfioFunction>,
 }
 
+/// A pod network endpoint: a tap beside one of the pod's links (a veth,
+/// say) in the pod's network namespace, traffic redirected both ways by tc
+/// filters. The guest gets a virtio-net device with the link's MAC and
+/// MTU, fed by the tap's queues. Everything needed to undo the plumbing
+/// after a crash is here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetEndpoint {
+    /// The pod's network namespace.
+    pub netns: PathBuf,
+    /// Its identity (nsfs device, inode) when plumbed: cleanup never
+    /// touches another namespace that now has the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<(u64, u64)>,
+    /// The pod's link the tap mirrors, and its index.
+    pub link: String,
+    pub link_index: u32,
+    /// The tap capsule made beside it.
+    pub tap: String,
+    /// The link's MAC (`aa:bb:cc:dd:ee:ff`): the guest device's MAC.
+    pub mac: String,
+    pub mtu: u32,
+    /// Tap queues (virtio-net queue pairs).
+    pub queues: u32,
+    /// capsule added the link's ingress qdisc (and removes it).
+    pub link_qdisc_created: bool,
+}
+
+/// Largest MTU a tap (and so virtio-net here) carries: 65535 minus the
+/// Ethernet header.
+pub const MAX_NET_MTU: u32 = 65521;
+/// Smallest MTU (IPv4's minimum).
+pub const MIN_NET_MTU: u32 = 68;
+/// Most tap queues.
+pub const MAX_NET_QUEUES: u32 = 256;
+
+impl NetEndpoint {
+    /// Checks what QEMU and the kernel will be given: interface names,
+    /// MAC, MTU and queues.
+    pub fn check(&self) -> Result<(), String> {
+        for (what, name) in [("link", &self.link), ("tap", &self.tap)] {
+            let ok = !name.is_empty()
+                && name.len() <= 15
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':' && b != b',');
+            if !ok {
+                return Err(format!(
+                    "{what} name {name:?} is not a valid interface name"
+                ));
+            }
+        }
+        let octets: Vec<&str> = self.mac.split(':').collect();
+        let mac_ok = octets.len() == 6
+            && octets
+                .iter()
+                .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !mac_ok {
+            return Err(format!("MAC {:?} is not aa:bb:cc:dd:ee:ff", self.mac));
+        }
+        if !(MIN_NET_MTU..=MAX_NET_MTU).contains(&self.mtu) {
+            return Err(format!(
+                "MTU {} of {} is outside {MIN_NET_MTU}..={MAX_NET_MTU}, what a tap and virtio-net carry",
+                self.mtu, self.link
+            ));
+        }
+        if !(1..=MAX_NET_QUEUES).contains(&self.queues) {
+            return Err(format!(
+                "{} queues is outside 1..={MAX_NET_QUEUES}",
+                self.queues
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a device is and what attaching it means.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -175,6 +251,8 @@ pub enum DeviceKind {
     },
     /// A file or device exposed as an nvdimm (`/dev/pmemN` in the guest).
     Pmem,
+    /// A pod network endpoint (virtio-net on a tap).
+    Network(NetEndpoint),
 }
 
 impl DeviceKind {
@@ -201,6 +279,7 @@ impl DeviceKind {
                 ..
             } => "vhost-user-net",
             DeviceKind::Pmem => "pmem",
+            DeviceKind::Network(_) => "network",
         }
     }
 }

@@ -19,7 +19,8 @@ pub mod needs;
 
 pub use backend::{AttachRequest, BackendError, BackendErrorKind, DeviceBackend, UnplugOutcome};
 pub use kind::{
-    Bdf, BlockDriver, DeviceKind, GuestAddress, VfioFunction, VfioGroup, VfioMode, VhostUserKind,
+    Bdf, BlockDriver, DeviceKind, GuestAddress, NetEndpoint, VfioFunction, VfioGroup, VfioMode,
+    VhostUserKind, MAX_NET_MTU, MAX_NET_QUEUES, MIN_NET_MTU,
 };
 pub use needs::Needs;
 

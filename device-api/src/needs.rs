@@ -79,6 +79,10 @@ impl Needs {
                 pci_slots: 1,
                 ..none
             },
+            DeviceKind::Network(_) => Needs {
+                pci_slots: 1,
+                ..none
+            },
             // One slot per function, mediated devices included.
             DeviceKind::Vfio(group) => Needs {
                 pci_slots: group.functions.len(),

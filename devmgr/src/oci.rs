@@ -61,10 +61,28 @@ pub fn spec_devices(spec: &Spec) -> Result<Vec<DeviceInfo>, ResolveError> {
     Ok(out)
 }
 
+/// Whether `spec` is a privileged container's, as containerd writes it
+/// with its list of every host device in `linux.devices`: the device cgroup
+/// allows every device ([`allows_all_devices`]), the process holds
+/// `CAP_SYS_ADMIN` in its bounding set, and nothing is masked.
+pub fn is_privileged_with_host_devices(spec: &Spec) -> bool {
+    let sys_admin = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().as_ref())
+        .and_then(|c| c.bounding().as_ref())
+        .is_some_and(|b| b.contains(&oci_spec::runtime::Capability::SysAdmin));
+    let unmasked = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.masked_paths().as_ref())
+        .is_none_or(|m| m.is_empty());
+    allows_all_devices(spec) && sys_admin && unmasked
+}
+
 /// Whether the spec's device cgroup allows every device: a rule
 /// `{"allow": true, "access": "rwm"}` with no type (or type `a`) and no
-/// numbers. containerd writes it for privileged containers (with its list
-/// of every host device in `linux.devices`).
+/// numbers.
 pub fn allows_all_devices(spec: &Spec) -> bool {
     let rules: &[LinuxDeviceCgroup] = spec
         .linux()

@@ -226,10 +226,10 @@ impl Resolver {
 
     /// Translates the `linux.devices` of `spec` and resolves each entry once.
     ///
-    /// A privileged spec whose device cgroup allows every device (what
-    /// containerd writes for a privileged container together with its list
-    /// of *every* host device, unless `privileged_without_host_devices` is
-    /// set) gets none of those host devices: inside its VM it gets the
+    /// A privileged spec (see [`oci::is_privileged_with_host_devices`]:
+    /// what containerd writes for a privileged container together with its
+    /// list of *every* host device, unless `privileged_without_host_devices`
+    /// is set) gets none of those host devices: inside its VM it gets the
     /// guest's devices instead. Nothing of the host reaches a VM unless a
     /// container asked for it by name.
     pub fn resolve_spec(
@@ -237,7 +237,7 @@ impl Resolver {
         spec: &oci_spec::runtime::Spec,
     ) -> Result<ResolvedDevices, ResolveError> {
         let infos = oci::spec_devices(spec)?;
-        if oci::allows_all_devices(spec) {
+        if oci::is_privileged_with_host_devices(spec) {
             if !infos.is_empty() {
                 tracing::info!(
                     devices = infos.len(),

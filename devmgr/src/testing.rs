@@ -381,7 +381,7 @@ fn address(req: &AttachRequest) -> Result<GuestAddress, String> {
             Some(BlockDriver::Nvdimm) => pmem(),
             None => Err(missing("a driver")),
         },
-        DeviceKind::VhostUser { .. } => first_pci(),
+        DeviceKind::VhostUser { .. } | DeviceKind::Network(_) => first_pci(),
         DeviceKind::Vfio(group) => {
             if req.pci_slots.len() != group.functions.len() {
                 return Err(missing("one PCI slot per function"));

@@ -199,19 +199,37 @@ async fn runtime_devices_are_owned_by_the_runtime() {
 fn privileged_specs_get_no_host_devices_and_mounted_disks_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let host = loop_host(dir.path(), 2).unwrap();
-    // containerd's privileged spec: every host device and the allow-all rule.
-    let mut spec = loop_spec(&[("/dev/loop0", 0), ("/dev/loop1", 1)]);
-    let linux: serde_json::Value = serde_json::json!({
-        "devices": [
-            {"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0},
-            {"path": "/dev/loop1", "type": "b", "major": 7, "minor": 1}
-        ],
-        "resources": {"devices": [{"allow": true, "access": "rwm"}]}
-    });
-    spec.set_linux(Some(serde_json::from_value(linux).unwrap()));
-    let r = host.resolve_spec(&spec).unwrap();
+    // containerd's privileged spec: every host device, the allow-all rule,
+    // CAP_SYS_ADMIN and nothing masked.
+    let privileged = |caps: &[&str], masked: &[&str]| -> oci_spec::runtime::Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0},
+                        "capabilities": {"bounding": caps}},
+            "linux": {
+                "devices": [
+                    {"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0},
+                    {"path": "/dev/loop1", "type": "b", "major": 7, "minor": 1}
+                ],
+                "resources": {"devices": [{"allow": true, "access": "rwm"}]},
+                "maskedPaths": masked
+            }
+        }))
+        .unwrap()
+    };
+    let r = host
+        .resolve_spec(&privileged(&["CAP_SYS_ADMIN", "CAP_NET_ADMIN"], &[]))
+        .unwrap();
     assert!(r.is_empty());
     assert_eq!(r.skipped_host_devices(), 2);
+    // Allowing every device alone is not privileged: the devices are
+    // resolved (and passed through) as asked.
+    let r = host.resolve_spec(&privileged(&["CAP_CHOWN"], &[])).unwrap();
+    assert_eq!(r.len(), 2);
+    let r = host
+        .resolve_spec(&privileged(&["CAP_SYS_ADMIN"], &["/proc/kcore"]))
+        .unwrap();
+    assert_eq!(r.len(), 2);
 
     // A disk the host has mounted is refused, whoever asks for it.
     std::fs::write(

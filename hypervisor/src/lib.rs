@@ -28,6 +28,7 @@ pub mod pci_path;
 pub mod process;
 pub mod qmp;
 pub mod slot;
+pub mod tap_fds;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod vhost_probe;
@@ -40,4 +41,5 @@ pub use error::HypervisorError;
 pub use launch::{DescriptionRecorder, VmBuilder};
 pub use process::ExitInfo;
 pub use slot::VmSlot;
+pub use tap_fds::TapFds;
 pub use vm::QemuVm;

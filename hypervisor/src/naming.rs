@@ -56,6 +56,14 @@ impl Names {
     pub fn fdname(&self) -> String {
         format!("{PREFIX}{}-fd", self.id)
     }
+    /// The tap netdev of a network endpoint.
+    pub fn netdev(&self) -> String {
+        format!("{PREFIX}{}-net", self.id)
+    }
+    /// Name of tap queue `i`'s fd handed over with `getfd`.
+    pub fn queue_fd(&self, i: usize) -> String {
+        format!("{PREFIX}{}-q{i}", self.id)
+    }
 }
 
 /// The device manager id a qdev id belongs to, when capsule made it.
@@ -72,7 +80,7 @@ pub fn capsule_id_of_device(qdev_id: &str) -> Option<&str> {
 /// The device manager id a node, chardev or object name belongs to.
 pub fn capsule_id_of_backend(name: &str) -> Option<&str> {
     let rest = name.strip_prefix(PREFIX)?;
-    ["-node", "-chr", "-mem"]
+    ["-node", "-chr", "-mem", "-net"]
         .iter()
         .find_map(|s| rest.strip_suffix(s))
         .filter(|b| !b.is_empty())

@@ -26,6 +26,7 @@ enum State {
 /// A sandbox VM as the device manager sees it, before and after boot.
 pub struct VmSlot {
     state: RwLock<State>,
+    taps: std::sync::Arc<crate::TapFds>,
 }
 
 impl std::fmt::Debug for VmSlot {
@@ -44,8 +45,15 @@ impl VmSlot {
     /// description recorder).
     pub fn from_builder(builder: VmBuilder) -> Self {
         Self {
+            taps: builder.taps(),
             state: RwLock::new(State::Preparing(Box::new(builder))),
         }
+    }
+
+    /// Hands over the queue descriptors of a network endpoint's `tap`, for
+    /// its cold-plug or hotplug (whichever comes).
+    pub fn hand_over_tap(&self, tap: &str, queues: Vec<std::os::fd::OwnedFd>) {
+        self.taps.hand_over(tap, queues);
     }
 
     /// A slot for a VM that already runs (re-attached from its description).
@@ -55,6 +63,7 @@ impl VmSlot {
 
     pub fn running(vm: QemuVm) -> Self {
         Self {
+            taps: vm.taps(),
             state: RwLock::new(State::Running(vm)),
         }
     }

@@ -19,6 +19,7 @@ use crate::hotplug::{self, unplug, DevicePlan};
 use crate::layout::VmLayout;
 use crate::process::{ExitInfo, VmProcess};
 use crate::qmp::{QmpClient, QmpOptions};
+use crate::tap_fds::TapFds;
 
 /// A QEMU VM. Cheap to clone. Dropping it leaves the VM running (a later
 /// process may re-attach from its [`VmDescription`]); [`QemuVm::stop`] ends it.
@@ -34,6 +35,8 @@ struct Inner {
     qmp_opts: QmpOptions,
     /// Serialises mutating QMP sequences.
     serial: Mutex<()>,
+    /// Tap queues handed over for network endpoints.
+    taps: Arc<TapFds>,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -53,7 +56,12 @@ fn qmp_options(desc: &VmDescription) -> QmpOptions {
 }
 
 impl QemuVm {
-    pub(crate) fn from_parts(desc: VmDescription, process: VmProcess, qmp: QmpClient) -> Self {
+    pub(crate) fn from_parts(
+        desc: VmDescription,
+        process: VmProcess,
+        qmp: QmpClient,
+        taps: Arc<TapFds>,
+    ) -> Self {
         let qmp_opts = qmp_options(&desc);
         Self {
             inner: Arc::new(Inner {
@@ -62,6 +70,7 @@ impl QemuVm {
                 qmp: Mutex::new(Some(qmp)),
                 qmp_opts,
                 serial: Mutex::new(()),
+                taps,
             }),
         }
     }
@@ -75,7 +84,7 @@ impl QemuVm {
         let qmp = QmpClient::connect(&desc.qmp_socket, qmp_opts).await?;
         let status = qmp.query_status().await?;
         tracing::info!(pid = desc.pid, status = %status.status, run_dir = %desc.run_dir.display(), "attached to a running VM");
-        Ok(Self::from_parts(desc, process, qmp))
+        Ok(Self::from_parts(desc, process, qmp, Arc::default()))
     }
 
     /// [`attach`](Self::attach) from a description file.
@@ -94,6 +103,12 @@ impl QemuVm {
 
     pub fn pid(&self) -> u32 {
         self.inner.process.pid()
+    }
+
+    /// Where network endpoints' tap queues are handed over before their
+    /// hotplug.
+    pub fn taps(&self) -> Arc<TapFds> {
+        self.inner.taps.clone()
     }
 
     /// Turns `Some` when QEMU is gone.
@@ -198,6 +213,7 @@ impl QemuVm {
     fn exec_ctx<'a>(&'a self, qmp: &'a QmpClient) -> ExecContext<'a> {
         ExecContext {
             qmp,
+            taps: &self.inner.taps,
             serial: &self.inner.serial,
             unplug_timeout: self.inner.desc.timeouts.unplug(),
             vhost_probe_timeout: self.inner.desc.timeouts.vhost_probe(),

@@ -55,8 +55,13 @@ fn open_dir_below(root: &Path, rel: &Path, what: &dyn Fn() -> String) -> Result<
     let sys = |op: &str, e: nix::Error| {
         crate::error::io(format!("{}: {op}", what()), std::io::Error::from(e))
     };
-    let mut dir = openat(nix::fcntl::AT_FDCWD, root, flags | OFlag::O_RDONLY, Mode::empty())
-        .map_err(|e| sys(&format!("opening {}", root.display()), e))?;
+    let mut dir = openat(
+        nix::fcntl::AT_FDCWD,
+        root,
+        flags | OFlag::O_RDONLY,
+        Mode::empty(),
+    )
+    .map_err(|e| sys(&format!("opening {}", root.display()), e))?;
     for c in rel.components() {
         let Component::Normal(name) = c else {
             return Err(Error::invalid(format!(

@@ -18,6 +18,8 @@ use crate::vhost_probe::{self, ProbeError};
 /// What hotplug and unplug run against.
 pub struct ExecContext<'a> {
     pub qmp: &'a QmpClient,
+    /// Tap queues handed over for network endpoints.
+    pub taps: &'a crate::TapFds,
     /// Serialises the mutating QMP sequences of one VM (never held while
     /// waiting for a guest).
     pub serial: &'a Mutex<()>,
@@ -65,6 +67,10 @@ pub async fn hotplug(
                     "chardev-add",
                     QmpError::Protocol("no vetted backend connection".into()),
                 )),
+            },
+            Step::TapNetdev { id, tap, queues } => match ctx.taps.take(tap, *queues) {
+                Ok(fds) => add_tap_netdev(ctx.qmp, plan, id, fds).await,
+                Err(m) => Err(("netdev_add", QmpError::Protocol(m))),
             },
         };
         if let Err((what, e)) = res {
@@ -124,6 +130,54 @@ async fn add_vhost_chardev(
         return Err(("chardev-add", e));
     }
     Ok(())
+}
+
+/// Hands the tap queues to QEMU (`getfd` each) and makes the netdev; on
+/// failure the named descriptors are closed again.
+async fn add_tap_netdev(
+    qmp: &QmpClient,
+    plan: &DevicePlan,
+    id: &str,
+    fds: Vec<OwnedFd>,
+) -> Result<(), (&'static str, QmpError)> {
+    let names =
+        crate::naming::Names::new(&plan.id).map_err(|e| ("getfd", QmpError::Protocol(e)))?;
+    let mut given: Vec<String> = Vec::new();
+    let mut result = Ok(());
+    for (i, fd) in fds.into_iter().enumerate() {
+        let name = names.queue_fd(i);
+        if let Err(e) = qmp.getfd(&name, fd).await {
+            result = Err(("getfd", e));
+            break;
+        }
+        given.push(name);
+    }
+    if result.is_ok() {
+        let mut args = json!({ "type": "tap", "id": id });
+        if let Some(obj) = args.as_object_mut() {
+            match given.as_slice() {
+                [one] => obj.insert("fd".into(), json!(one)),
+                many => obj.insert("fds".into(), json!(many.join(":"))),
+            };
+        }
+        result = qmp
+            .execute("netdev_add", Some(args))
+            .await
+            .map(drop)
+            .map_err(|e| ("netdev_add", e));
+    }
+    if result.is_err() {
+        // Named fds stay in the monitor unless consumed: close them.
+        for name in &given {
+            if let Err(ce) = qmp
+                .execute("closefd", Some(json!({ "fdname": name })))
+                .await
+            {
+                tracing::warn!(device = %plan.id, fd = %name, error = %ce, "closefd after a failed netdev_add");
+            }
+        }
+    }
+    result
 }
 
 async fn resolve_address(
@@ -285,6 +339,7 @@ pub(crate) async fn remove_backend(qmp: &QmpClient, step: &Step) -> Result<(), Q
                 .await
         }
         Step::Object { id, .. } => qmp.execute("object-del", Some(json!({ "id": id }))).await,
+        Step::TapNetdev { id, .. } => qmp.execute("netdev_del", Some(json!({ "id": id }))).await,
     };
     res.map(drop)
 }

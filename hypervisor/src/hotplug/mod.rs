@@ -18,6 +18,7 @@ use crate::qmp::QmpError;
 
 pub mod block;
 pub mod exec;
+pub mod net;
 pub mod nvdimm;
 pub mod unplug;
 pub mod vfio;
@@ -35,13 +36,23 @@ pub enum Step {
     Object { id: String, args: Value },
     /// `device_add` / `-device`; removed with `device_del` + `DEVICE_DELETED`.
     Device { id: String, args: Value },
+    /// A `tap` netdev on the queues handed over for `tap` (see
+    /// [`crate::tap_fds`]); removed with `netdev_del`.
+    TapNetdev {
+        id: String,
+        tap: String,
+        queues: u32,
+    },
 }
 
 impl Step {
     pub fn name(&self) -> &str {
         match self {
             Step::Blockdev { node, .. } => node,
-            Step::VhostChardev { id, .. } | Step::Object { id, .. } | Step::Device { id, .. } => id,
+            Step::VhostChardev { id, .. }
+            | Step::Object { id, .. }
+            | Step::Device { id, .. }
+            | Step::TapNetdev { id, .. } => id,
         }
     }
 }
@@ -122,6 +133,7 @@ pub fn plan(req: &AttachRequest, layout: &VmLayout) -> Result<DevicePlan, Backen
             vhost_user::plan(req, &names, layout, slots, *vhost, socket, tag)
         }
         DeviceKind::Vfio(group) => vfio::plan(req, &names, layout, slots, group),
+        DeviceKind::Network(ep) => net::plan(req, &names, layout, slots, ep),
     }
 }
 
@@ -161,6 +173,16 @@ pub fn removal_plan(req: &AttachRequest, _layout: &VmLayout) -> Result<DevicePla
                 Step::VhostChardev {
                     id: names.chardev(),
                     socket: socket.clone(),
+                },
+                device,
+            ];
+        }
+        DeviceKind::Network(ep) => {
+            plan.steps = vec![
+                Step::TapNetdev {
+                    id: names.netdev(),
+                    tap: ep.tap.clone(),
+                    queues: ep.queues,
                 },
                 device,
             ];

@@ -101,5 +101,8 @@ async fn backend_present(ctx: &ExecContext<'_>, step: &Step) -> Result<bool, Qmp
             .iter()
             .any(|c| &c.label == id),
         Step::Object { id, .. } => ctx.qmp.user_objects().await?.iter().any(|(n, _)| n == id),
+        // QEMU 7.2 lists no netdevs; a refused `netdev_del` of one that
+        // exists is an error worth reporting.
+        Step::TapNetdev { .. } => true,
     })
 }

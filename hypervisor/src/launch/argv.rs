@@ -9,12 +9,14 @@ use crate::layout::{root_port_slot, SLOT_RNG, SLOT_VIRTIO_SCSI, SLOT_VIRTIO_SERI
 /// Name of the virtio-serial port the guest agent listens on.
 pub const AGENT_PORT_NAME: &str = "agent.channel.0";
 
-/// A cold-plugged device: its plan and, for vhost-user, the inherited fd of
-/// the vetted backend connection.
+/// A cold-plugged device: its plan and the descriptors QEMU inherits: for
+/// vhost-user the vetted backend connection, for a network endpoint its tap
+/// queues.
 #[derive(Debug, Clone)]
 pub struct ColdDevice {
     pub plan: DevicePlan,
     pub chardev_fd: Option<RawFd>,
+    pub tap_fds: Vec<RawFd>,
 }
 
 /// Inputs of [`build_argv`] decided at start time.
@@ -182,6 +184,21 @@ pub fn build_argv(input: &ArgvInput<'_>) -> Result<Vec<String>, String> {
                         )
                     })?;
                     push("-chardev", format!("socket,id={id},fd={fd}"));
+                }
+                Step::TapNetdev { id, tap, queues } => {
+                    if dev.tap_fds.len() != *queues as usize || dev.tap_fds.is_empty() {
+                        return Err(format!(
+                            "device {}: tap {tap} needs {queues} queue descriptor(s), {} inherited",
+                            dev.plan.id,
+                            dev.tap_fds.len()
+                        ));
+                    }
+                    let fds: Vec<String> = dev.tap_fds.iter().map(|f| f.to_string()).collect();
+                    let fds = match fds.as_slice() {
+                        [one] => format!("fd={one}"),
+                        many => format!("fds={}", many.join(":")),
+                    };
+                    push("-netdev", format!("tap,id={id},{fds}"));
                 }
             }
         }
@@ -371,10 +388,12 @@ mod tests {
             ColdDevice {
                 plan: plan.clone(),
                 chardev_fd: Some(9),
+                tap_fds: vec![],
             },
             ColdDevice {
                 plan: blk,
                 chardev_fd: None,
+                tap_fds: vec![],
             },
         ];
         let a = build_argv(&ArgvInput {
@@ -395,6 +414,7 @@ mod tests {
         let missing = [ColdDevice {
             plan,
             chardev_fd: None,
+            tap_fds: vec![],
         }];
         assert!(build_argv(&ArgvInput {
             config: &c,
@@ -403,5 +423,76 @@ mod tests {
             coldplug: &missing
         })
         .is_err());
+    }
+
+    #[test]
+    fn network_endpoints_get_their_tap_queues() {
+        use capsule_device_api::{AttachRequest, DeviceKind, NetEndpoint};
+        let c = cfg();
+        let ep = |queues| NetEndpoint {
+            netns: "/run/netns/p1".into(),
+            netns_id: None,
+            link: "eth0".into(),
+            link_index: 2,
+            tap: "cap_eth0".into(),
+            mac: "02:42:0a:00:00:02".into(),
+            mtu: 1450,
+            queues,
+            link_qdisc_created: true,
+        };
+        let req = |queues| AttachRequest {
+            id: "dev3".into(),
+            kind: DeviceKind::Network(ep(queues)),
+            host_path: "/run/netns/p1".into(),
+            read_only: false,
+            driver: None,
+            block_index: None,
+            drive_name: None,
+            scsi_addr: None,
+            pmem_index: None,
+            pci_slots: vec![9],
+        };
+        let layout = crate::launch::layout_of(&c);
+        let argv = |queues, fds: Vec<RawFd>| {
+            let plan = crate::hotplug::plan(&req(queues), &layout).unwrap();
+            build_argv(&ArgvInput {
+                config: &c,
+                accel: Accel::Tcg,
+                vsock: false,
+                coldplug: &[ColdDevice {
+                    plan,
+                    chardev_fd: None,
+                    tap_fds: fds,
+                }],
+            })
+        };
+        let a = argv(1, vec![7]).unwrap();
+        assert_eq!(pairs(&a, "-netdev"), ["tap,id=cap-dev3-net,fd=7"]);
+        let dev: serde_json::Value =
+            serde_json::from_str(pairs(&a, "-device").last().unwrap()).unwrap();
+        assert_eq!(
+            dev,
+            json!({"driver": "virtio-net-pci", "id": "cap-dev3", "netdev": "cap-dev3-net",
+                   "mac": "02:42:0a:00:00:02", "host_mtu": 1450, "bus": "pci.0", "addr": "0x09"})
+        );
+        let a = argv(2, vec![7, 8]).unwrap();
+        assert_eq!(pairs(&a, "-netdev"), ["tap,id=cap-dev3-net,fds=7:8"]);
+        let dev: serde_json::Value =
+            serde_json::from_str(pairs(&a, "-device").last().unwrap()).unwrap();
+        assert_eq!(
+            (dev["mq"].clone(), dev["vectors"].clone()),
+            (json!(true), json!(6))
+        );
+        let e = argv(2, vec![7]).unwrap_err();
+        assert!(
+            e.contains("needs 2 queue descriptor(s), 1 inherited"),
+            "{e}"
+        );
+        let mut bad = req(1);
+        if let DeviceKind::Network(ep) = &mut bad.kind {
+            ep.mtu = 65535;
+        }
+        let e = crate::hotplug::plan(&bad, &layout).unwrap_err();
+        assert!(e.message.contains("MTU 65535 of eth0"), "{e}");
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -26,6 +26,7 @@ use crate::layout::VmLayout;
 use crate::pci_path::find_pci_path;
 use crate::process::{SpawnOptions, VmProcess};
 use crate::qmp::{QmpClient, QmpOptions};
+use crate::tap_fds::TapFds;
 use crate::vm::QemuVm;
 
 pub mod argv;
@@ -37,6 +38,8 @@ struct Cold {
     plan: DevicePlan,
     /// Vetted vhost-user connection QEMU inherits.
     fd: Option<OwnedFd>,
+    /// Tap queues QEMU inherits (network endpoints).
+    tap_fds: Vec<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -57,6 +60,7 @@ pub struct VmBuilder {
     layout: VmLayout,
     state: Mutex<State>,
     recorder: Option<DescriptionRecorder>,
+    taps: Arc<TapFds>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -91,7 +95,14 @@ impl VmBuilder {
             layout,
             state: Mutex::new(State::default()),
             recorder: None,
+            taps: Arc::default(),
         })
+    }
+
+    /// Where network endpoints' tap queues are handed over (shared with
+    /// the VM once it runs).
+    pub fn taps(&self) -> Arc<TapFds> {
+        self.taps.clone()
     }
 
     /// Hands the description of the started VM to `recorder` (see
@@ -116,7 +127,14 @@ impl VmBuilder {
     /// Starts QEMU with the cold-plugged devices.
     pub async fn start(self) -> Result<QemuVm, HypervisorError> {
         let state = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
-        start(self.config, self.layout, state.cold, self.recorder).await
+        start(
+            self.config,
+            self.layout,
+            state.cold,
+            self.recorder,
+            self.taps,
+        )
+        .await
     }
 }
 
@@ -163,6 +181,16 @@ impl DeviceBackend for VmBuilder {
         }
         let plan = hotplug::plan(&req, &self.layout)?;
         let fd = vet_backend(&plan, self.config.timeouts.vhost_probe()).await?;
+        let tap_fds = match plan.steps.iter().find_map(|s| match s {
+            hotplug::Step::TapNetdev { tap, queues, .. } => Some((tap, *queues)),
+            _ => None,
+        }) {
+            Some((tap, queues)) => self
+                .taps
+                .take(tap, queues)
+                .map_err(|m| hotplug::failed(format!("device {}: {m}", req.id)))?,
+            None => Vec::new(),
+        };
         let mut st = self.lock();
         let address = match &plan.address {
             AddressPlan::None => GuestAddress::None,
@@ -192,7 +220,12 @@ impl DeviceBackend for VmBuilder {
         }
         st.used_slots.extend(req.pci_slots.iter().copied());
         tracing::info!(device = %req.id, kind = plan.kind, address = ?address, "cold-plugged");
-        st.cold.push(Cold { req, plan, fd });
+        st.cold.push(Cold {
+            req,
+            plan,
+            fd,
+            tap_fds,
+        });
         Ok(address)
     }
 }
@@ -248,6 +281,7 @@ async fn start(
     layout: VmLayout,
     cold: Vec<Cold>,
     recorder: Option<DescriptionRecorder>,
+    taps: Arc<TapFds>,
 ) -> Result<QemuVm, HypervisorError> {
     let t0 = Instant::now();
     let run_dir = &config.run_dir;
@@ -284,6 +318,7 @@ async fn start(
         .map(|c| ColdDevice {
             plan: c.plan.clone(),
             chardev_fd: c.fd.as_ref().map(AsRawFd::as_raw_fd),
+            tap_fds: c.tap_fds.iter().map(AsRawFd::as_raw_fd).collect(),
         })
         .collect();
     let args = build_argv(&ArgvInput {
@@ -302,7 +337,10 @@ async fn start(
         &args,
         SpawnOptions {
             log: Some(&stderr_log),
-            inherit_fds: cold_devices.iter().filter_map(|c| c.chardev_fd).collect(),
+            inherit_fds: cold_devices
+                .iter()
+                .flat_map(|c| c.chardev_fd.into_iter().chain(c.tap_fds.iter().copied()))
+                .collect(),
             die_with_parent: config.die_with_parent,
         },
     )
@@ -359,7 +397,7 @@ async fn start(
         }
     };
 
-    let vm = QemuVm::from_parts(desc, process, qmp.clone());
+    let vm = QemuVm::from_parts(desc, process, qmp.clone(), taps);
     if let Err(e) = check_coldplug_paths(&qmp, &cold_devices).await {
         tracing::warn!(error = %e, "cannot check cold-plugged PCI paths");
     }
