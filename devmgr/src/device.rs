@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use capsule_device_api::kind::{
-    Bdf, BlockDriver, DeviceKind, GuestAddress, VfioFunction, VfioGroup, VfioMode, VhostUserKind,
+    Bdf, BlockDriver, DeviceKind, GuestAddress, NetEndpoint, VfioFunction, VfioGroup, VfioMode,
+    VhostUserKind,
 };
 pub use capsule_device_api::{PciPath, PciSlot, ScsiAddr};
 

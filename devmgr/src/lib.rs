@@ -31,7 +31,7 @@ pub mod vhost_store;
 pub use capsule_device_api::{
     AttachRequest, BackendError, BackendErrorKind, DeviceBackend, Needs, UnplugOutcome,
 };
-pub use device::{BlockDriver, DeviceInfo, DeviceKind, GuestAddress, HostDevice};
+pub use device::{BlockDriver, DeviceInfo, DeviceKind, GuestAddress, HostDevice, NetEndpoint};
 pub use manager::{
     Checkpoint, CheckpointHook, ContainerDevice, DetachOutcome, DeviceId, DeviceManager,
     DeviceRecord, DeviceStatus, DeviceUse, ManagerConfig, ManagerError,

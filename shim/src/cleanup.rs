@@ -286,6 +286,21 @@ pub async fn teardown(
         stop_process(procs, p, &format!("unrecorded {name}"), timing, &mut report).await;
     }
 
+    // The pod network's plumbing (taps go with QEMU; the pod link's filter
+    // and qdisc stay until removed), from devices.json.
+    match state::load_devices(paths, vm.as_ref()) {
+        Ok(devices) => {
+            let (did, failed) = crate::sandbox::network::unplumb_recorded(&devices).await;
+            for d in did {
+                report.did(d);
+            }
+            for f in failed {
+                report.failed(f);
+            }
+        }
+        Err(e) => report.failed(format!("{e}; the pod network's plumbing (if any) is left")),
+    }
+
     // Mounts: every container's rootfs in its bundle, then the share.
     let mut rootfs: Vec<PathBuf> = vm
         .iter()

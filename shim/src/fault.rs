@@ -26,8 +26,14 @@ pub const PHASES: &[&str] = &[
     // The first Create of a sandbox: virtiofsd runs and the share is
     // mounted, QEMU not started yet (the virtio-fs share's cold-plug).
     "boot.coldplug",
+    // A pod network endpoint is in devices.json, nothing of it made yet.
+    "net.recorded",
+    // The endpoint's tap and tc filters exist; the VM does not have it yet.
+    "net.plumbed",
     // QEMU runs and is recorded; the agent is not up yet.
     "boot.vm-started",
+    // The agent is up and the sandbox set up; its network not configured.
+    "boot.network-pending",
     // VM, virtiofsd and the agent are up; the container is still `creating`.
     "create.sandbox-started",
     // The rootfs is mounted and shared, recorded; no device yet.
@@ -249,6 +255,7 @@ mod tests {
         ("service/ops.rs", include_str!("service/ops.rs")),
         ("service/mod.rs", include_str!("service/mod.rs")),
         ("sandbox/qemu/mod.rs", include_str!("sandbox/qemu/mod.rs")),
+        ("sandbox/network.rs", include_str!("sandbox/network.rs")),
     ];
 
     fn used() -> Vec<(String, &'static str)> {

@@ -300,6 +300,37 @@ impl SandboxStore {
     }
 }
 
+/// The device manager's records of a sandbox (`devices.json`), read
+/// without taking its lock, validated against the configuration recorded in
+/// `record`. No file: no devices.
+pub fn load_devices(
+    paths: &SandboxPaths,
+    record: Option<&SandboxRecord>,
+) -> std::result::Result<Vec<capsule_devmgr::DeviceRecord>, String> {
+    let file = paths.devices_file();
+    let bytes = match capsule_state_file::open_nofollow(&file).and_then(|mut f| {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+    }) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    };
+    let config = record
+        .and_then(|v| v.manager.as_ref())
+        .map(|m| m.config())
+        .ok_or_else(|| {
+            format!(
+                "{} has no device manager configuration: cannot validate {}",
+                paths.sandbox_file().display(),
+                file.display()
+            )
+        })?;
+    capsule_devmgr::state::decode(&bytes, &config)
+        .map(|s| s.devices.into_values().collect())
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
 /// Checks an id is usable as a directory name (what containerd accepts).
 pub fn check_id(what: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()

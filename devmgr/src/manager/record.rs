@@ -368,6 +368,10 @@ impl DeviceRecord {
         match &self.kind {
             DeviceKind::VhostUser { socket, .. } => absolute("socket", socket)?,
             DeviceKind::Vfio(g) => check_vfio_names(g)?,
+            DeviceKind::Network(ep) => {
+                absolute("network namespace", &ep.netns)?;
+                ep.check()?;
+            }
             _ => {}
         }
         for info in self.uses.iter().filter_map(|u| u.request.as_ref()) {
@@ -452,9 +456,13 @@ pub(crate) fn describe(
     host_path: &Path,
     info: Option<&DeviceInfo>,
 ) -> String {
+    let what = match kind {
+        DeviceKind::Network(ep) => format!("network {} in {}", ep.link, ep.netns.display()),
+        _ => format!("{} {}", kind.name(), host_path.display()),
+    };
     let mut s = match id {
-        Some(id) => format!("{id} ({} {}", kind.name(), host_path.display()),
-        None => format!("({} {}", kind.name(), host_path.display()),
+        Some(id) => format!("{id} ({what}"),
+        None => format!("({what}"),
     };
     if let Some(info) = info {
         s.push_str(&format!(" as {}", info.container_path.display()));
@@ -477,10 +485,18 @@ pub(crate) enum DedupeKey {
         kind: &'static str,
         host_path: PathBuf,
     },
+    /// A network endpoint: one per link of a network namespace.
+    Endpoint { netns: PathBuf, link: String },
 }
 
 impl DedupeKey {
     pub fn of(kind: &DeviceKind, host_path: &Path, info: Option<&DeviceInfo>) -> DedupeKey {
+        if let DeviceKind::Network(ep) = kind {
+            return DedupeKey::Endpoint {
+                netns: ep.netns.clone(),
+                link: ep.link.clone(),
+            };
+        }
         match info {
             Some(i) if (i.major, i.minor) != (0, 0) => DedupeKey::Node {
                 dev_type: i.dev_type,

@@ -29,23 +29,8 @@ fn sandbox_ids(config: &Config) -> Vec<String> {
     ids
 }
 
-/// The device manager's records of a sandbox, read without taking its lock.
 fn devices(paths: &SandboxPaths, vm: Option<&SandboxRecord>) -> Result<Vec<DeviceRecord>, String> {
-    let bytes = match std::fs::read(paths.devices_file()) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", paths.devices_file().display())),
-    };
-    let config = vm
-        .and_then(|v| v.manager.as_ref())
-        .map(|m| m.config())
-        .ok_or_else(|| {
-            "sandbox.json has no device manager configuration: cannot validate devices.json"
-                .to_string()
-        })?;
-    capsule_devmgr::state::decode(&bytes, &config)
-        .map(|s| s.devices.into_values().collect())
-        .map_err(|e| format!("{}: {e}", paths.devices_file().display()))
+    state::load_devices(paths, vm)
 }
 
 pub fn list(a: &Args, config: &Config) -> Result<i32, String> {

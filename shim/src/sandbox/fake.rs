@@ -412,7 +412,7 @@ impl SandboxFactory for FakeFactory {
         id: &str,
         config: &Config,
         _store: Arc<SandboxStore>,
-        _hostname: &str,
+        _spec: &Spec,
     ) -> Result<Arc<dyn Sandbox>> {
         self.sandbox
             .call(format!("start_sandbox {id}"), Some(Step::StartSandbox))?;

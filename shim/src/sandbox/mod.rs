@@ -27,6 +27,8 @@ pub mod convert;
 #[cfg(test)]
 pub mod fake;
 mod guest;
+pub mod host_share;
+pub mod network;
 pub mod qemu;
 pub mod share;
 pub mod virtiofsd;
@@ -103,14 +105,15 @@ pub trait SandboxFactory: Send + Sync {
     fn resolve_devices(&self, config: &Config, spec: &Spec) -> Result<ResolvedDevices>;
 
     /// Starts sandbox `id`, recording it in `store` (the sandbox's state
-    /// directory exists and holds the first container); `hostname` from the
-    /// first container. On error nothing it started is left running.
+    /// directory exists and holds the first container); its hostname and
+    /// network from the first container's `spec`. On error nothing it
+    /// started is left running.
     async fn create(
         &self,
         id: &str,
         config: &Config,
         store: Arc<SandboxStore>,
-        hostname: &str,
+        spec: &Spec,
     ) -> Result<Arc<dyn Sandbox>>;
 }
 

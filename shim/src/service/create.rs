@@ -107,6 +107,8 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         None => load_config(inner, req.options.as_ref())?,
     };
     let paths = SandboxPaths::new(&config.state_dir, &sandbox_id);
+    crate::sandbox::host_share::refuse_host_sharing(&spec)
+        .map_err(|e| e.context(format!("container {id}")))?;
     // The one resolution of the container's devices, before anything
     // starts: a bad device fails here, and the attach reuses this.
     let resolved = inner
@@ -194,10 +196,9 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         let sb: Arc<dyn Sandbox> = match lifecycle.as_ref() {
             Some(a) => a.sandbox.clone(),
             None => {
-                let hostname = creq.spec.hostname().clone().unwrap_or_default();
                 let sb = inner
                     .factory
-                    .create(&sandbox_id, &config, store.clone(), &hostname)
+                    .create(&sandbox_id, &config, store.clone(), &creq.spec)
                     .await?;
                 started = Some(sb.clone());
                 fault::point("create.sandbox-started");

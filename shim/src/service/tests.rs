@@ -73,7 +73,10 @@ impl Env {
             "root": {"path": "rootfs"},
             "hostname": id,
             "annotations": ann,
-            "linux": {"devices": devs},
+            "linux": {
+                "devices": devs,
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "network"}, {"type": "mount"}]
+            },
         });
         std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
         b

@@ -27,8 +27,8 @@ use capsule_hypervisor::{QemuVm, VmBuilder, VmSlot};
 use oci_spec::runtime::Spec;
 
 use super::{
-    share, ContainerRequest, Guest, Sandbox, SandboxFactory, SharedRootfs, GUEST_SHARED_DIR,
-    SHARE_TAG,
+    network, share, ContainerRequest, Guest, Sandbox, SandboxFactory, SharedRootfs,
+    GUEST_SHARED_DIR, SHARE_TAG,
 };
 use crate::cleanup::{self, KillTiming, RealProcesses};
 use crate::config::Config;
@@ -104,10 +104,10 @@ impl SandboxFactory for QemuFactory {
         id: &str,
         config: &Config,
         store: Arc<SandboxStore>,
-        hostname: &str,
+        spec: &Spec,
     ) -> Result<Arc<dyn Sandbox>> {
         let paths = SandboxPaths::new(&config.state_dir, id);
-        match start(id, config, &paths, store, hostname).await {
+        match start(id, config, &paths, store, spec).await {
             Ok(sb) => Ok(Arc::new(sb)),
             Err(e) => {
                 let report =
@@ -166,9 +166,19 @@ async fn start(
     config: &Config,
     paths: &SandboxPaths,
     store: Arc<SandboxStore>,
-    hostname: &str,
+    spec: &Spec,
 ) -> Result<QemuSandbox> {
+    let hostname = spec.hostname().clone().unwrap_or_default();
     let vm_config = vm_config(config, paths)?;
+    // The pod's network, discovered before anything starts: a bad
+    // namespace fails here.
+    let net_plan = match network::pod_network(spec)? {
+        network::PodNetwork::Loopback => None,
+        network::PodNetwork::Netns(ns) => {
+            // One queue pair per vCPU (the guest uses no more).
+            Some(network::plan(&ns, config.hypervisor.vcpus.max(1)).await?)
+        }
+    };
     for d in [
         &config.state_dir,
         &config.sandboxes_dir(),
@@ -231,6 +241,9 @@ async fn start(
     )
     .await
     .map_err(|e| Error::from(e).context("adding the virtio-fs share"))?;
+    if let Some(plan) = &net_plan {
+        network::attach(&mgr, &slot, plan, true).await?;
+    }
 
     let vm = slot
         .start()
@@ -264,7 +277,7 @@ async fn start(
         .await?;
     let mut req = agent::CreateSandboxRequest::new();
     req.sandbox_id = id.to_string();
-    req.hostname = hostname.to_string();
+    req.hostname = hostname;
     req.storages.push(agent::Storage {
         driver: "virtiofs".into(),
         source: SHARE_TAG.into(),
@@ -281,6 +294,28 @@ async fn start(
     exits
         .race("setting up the sandbox in the guest", &console, setup)
         .await?;
+    crate::fault::point("boot.network-pending");
+    if let Some(plan) = &net_plan {
+        let wait = t.device_wait();
+        let req = network::setup_request(plan, wait);
+        let configure = async {
+            agent
+                .call(
+                    "SetupNetwork",
+                    Some(t.agent_call().max(wait + Duration::from_secs(5))),
+                    |c, ctx| async move { c.setup_network(ctx, &req).await },
+                )
+                .await
+                .map_err(|e| Error::from(e).context("configuring the pod network in the guest"))
+        };
+        exits
+            .race(
+                "configuring the pod network in the guest",
+                &console,
+                configure,
+            )
+            .await?;
+    }
 
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(faults::watch(

@@ -1,0 +1,93 @@
+//! What a VM sandbox cannot share with the host, refused before anything
+//! starts (so the error comes at once): the host's network stack (a spec
+//! without a network namespace: host networking), the host's IPC namespace
+//! (host IPC), and mounts that propagate back to the host (`rshared`). The
+//! host's PID namespace is not refused: the pod's PID namespace in the VM
+//! stands for it.
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::error::{Error, Result};
+
+/// Refuses a spec asking for what only the host can give; names the
+/// reason.
+pub fn refuse_host_sharing(spec: &Spec) -> Result<()> {
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    let has = |t: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == t);
+    if !has(LinuxNamespaceType::Network) {
+        return Err(Error::invalid(
+            "host network is not supported: the spec shares the host's network namespace, and a VM sandbox cannot share the host's network stack (run the pod with a network of its own)",
+        ));
+    }
+    if !has(LinuxNamespaceType::Ipc) {
+        return Err(Error::invalid(
+            "host IPC is not supported: the spec shares the host's IPC namespace, and a VM sandbox cannot share the host's shared memory, semaphores or message queues",
+        ));
+    }
+    for m in spec.mounts().iter().flatten() {
+        let shared = m
+            .options()
+            .iter()
+            .flatten()
+            .any(|o| o == "rshared" || o == "shared");
+        if shared {
+            return Err(Error::invalid(format!(
+                "mount {}: shared propagation back to the host (rshared, Kubernetes' Bidirectional) is not supported: mounts made inside a VM cannot reach the host",
+                m.destination().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(v: serde_json::Value) -> Spec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn host_network_ipc_and_rshared_are_refused_with_the_reason() {
+        let ns = |types: &[&str]| -> serde_json::Value {
+            types
+                .iter()
+                .map(|t| serde_json::json!({"type": t}))
+                .collect()
+        };
+        let ok = spec(serde_json::json!({"ociVersion": "1.0.2",
+            "linux": {"namespaces": ns(&["network", "ipc", "mount"])},
+            "mounts": [{"destination": "/data", "type": "bind", "source": "/x", "options": ["rbind", "rslave"]}]}));
+        refuse_host_sharing(&ok).unwrap();
+        // Host PID: allowed (the pod's PID namespace stands for it).
+        let host_pid = spec(serde_json::json!({"ociVersion": "1.0.2",
+            "linux": {"namespaces": ns(&["network", "ipc"])}}));
+        refuse_host_sharing(&host_pid).unwrap();
+        let e = refuse_host_sharing(&spec(serde_json::json!({"ociVersion": "1.0.2",
+            "linux": {"namespaces": ns(&["ipc", "pid"])}})))
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("host network is not supported"),
+            "{e}"
+        );
+        let e = refuse_host_sharing(&spec(serde_json::json!({"ociVersion": "1.0.2",
+            "linux": {"namespaces": ns(&["network", "pid"])}})))
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("host IPC is not supported"),
+            "{e}"
+        );
+        let e = refuse_host_sharing(&spec(serde_json::json!({"ociVersion": "1.0.2",
+            "linux": {"namespaces": ns(&["network", "ipc"])},
+            "mounts": [{"destination": "/shared", "type": "bind", "source": "/x", "options": ["rbind", "rshared"]}]})))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("mount /shared: shared propagation"),
+            "{e}"
+        );
+    }
+}
