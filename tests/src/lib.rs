@@ -327,6 +327,10 @@ pub struct CapsuleOptions {
     /// benchmarks).
     pub release: bool,
     pub memory_mib: u32,
+    /// Run containerd (and so every shim, QEMU and CNI it starts) and ctr
+    /// inside this network namespace (`nsenter --net`; `ip netns exec`
+    /// would hide the cgroup mounts).
+    pub netns: Option<PathBuf>,
 }
 
 impl Default for CapsuleOptions {
@@ -338,6 +342,7 @@ impl Default for CapsuleOptions {
             containerd_env: Vec::new(),
             release: false,
             memory_mib: 256,
+            netns: None,
         }
     }
 }
@@ -378,6 +383,8 @@ pub struct Env {
     pub shim: PathBuf,
     pub capsule_cli: PathBuf,
     containerd_env: Vec<(String, String)>,
+    /// The network namespace containerd and ctr run in.
+    pub netns: Option<PathBuf>,
     containerd: Option<Child>,
     loops: Vec<String>,
     pub ready: &'static Ready,
@@ -409,6 +416,7 @@ impl Env {
             shim,
             capsule_cli,
             containerd_env: opts.containerd_env.clone(),
+            netns: opts.netns.clone(),
             containerd: None,
             loops: Vec::new(),
             ready,
@@ -498,8 +506,21 @@ path = "{virtiofsd}"
         )
     }
 
+    /// `program`, run in the environment's network namespace when it has
+    /// one.
+    pub fn in_netns(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = self.in_netns("ctr");
         c.arg("--address")
             .arg(&self.sock)
             .args(["--namespace", NAMESPACE])
@@ -595,7 +616,8 @@ path = "{virtiofsd}"
             d.join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new("containerd")
+        let child = self
+            .in_netns("containerd")
             .arg("--config")
             .arg(d.join("containerd.toml"))
             .env("PATH", path)

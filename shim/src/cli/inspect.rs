@@ -184,9 +184,27 @@ pub async fn inspect(a: &Args, config: &Config) -> Result<i32, String> {
         .as_ref()
         .map(|d| drift(&records, &d.capsule_ids()))
         .unwrap_or_default();
+    let endpoints: Vec<serde_json::Value> = records
+        .iter()
+        .filter_map(|r| match &r.kind {
+            DeviceKind::Network(ep) => Some(json!({
+                "id": r.id.to_string(),
+                "netns": ep.netns,
+                "link": ep.link,
+                "tap": ep.tap,
+                "mac": ep.mac,
+                "mtu": ep.mtu,
+                "queues": ep.queues,
+                "status": r.status.to_string(),
+                "guest_address": r.guest_address,
+            })),
+            _ => None,
+        })
+        .collect();
     if a.json {
         let v = json!({
             "sandbox": id,
+            "network": endpoints,
             "vm": vm,
             "containers": containers,
             "devices": records,
@@ -260,6 +278,23 @@ pub async fn inspect(a: &Args, config: &Config) -> Result<i32, String> {
                 .unwrap_or_else(|| "-".into()),
             r.host_path.display()
         );
+    }
+    if !endpoints.is_empty() {
+        println!("network:");
+        for e in &endpoints {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            println!(
+                "  {:<6} {} -> tap {}  mac {}  mtu {}  queues {}  netns {}  guest {}",
+                s("id"),
+                s("link"),
+                s("tap"),
+                s("mac"),
+                e["mtu"],
+                e["queues"],
+                e["netns"].as_str().unwrap_or_default(),
+                e["guest_address"]
+            );
+        }
     }
     match (&vm_devs, &vm_error) {
         (Some(d), _) => {
