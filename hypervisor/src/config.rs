@@ -216,6 +216,10 @@ pub struct VmConfig {
     /// For tests: a runtime that must survive its own restart leaves it off.
     #[serde(default)]
     pub die_with_parent: bool,
+    /// Start QEMU in this network namespace (the pod's): QEMU needs no host
+    /// network, and a task pid of QEMU's then names the pod's namespace.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
     /// Run QEMU under its seccomp sandbox (`-sandbox on,...`: no obsolete
     /// syscalls, privilege changes, fork/exec or resource control).
     #[serde(default = "default_true")]
@@ -260,6 +264,7 @@ impl VmConfig {
             rng: true,
             timeouts: Timeouts::default(),
             die_with_parent: false,
+            netns: None,
             seccomp_sandbox: true,
         }
     }

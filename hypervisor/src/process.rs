@@ -100,6 +100,9 @@ pub struct SpawnOptions<'a> {
     pub inherit_fds: Vec<RawFd>,
     /// PR_SET_PDEATHSIG(SIGKILL).
     pub die_with_parent: bool,
+    /// Run it in this network namespace (an open nsfs descriptor), e.g. the
+    /// pod's: QEMU itself needs no host network.
+    pub netns: Option<RawFd>,
 }
 
 /// A running (or exited) QEMU process.
@@ -153,9 +156,17 @@ impl VmProcess {
         }
         let fds = opts.inherit_fds.clone();
         let die = opts.die_with_parent;
-        // SAFETY: the closure only makes async-signal-safe syscalls (fcntl, prctl).
+        let netns = opts.netns;
+        // SAFETY: the closure only makes async-signal-safe syscalls (setns,
+        // fcntl, prctl) on descriptors the caller keeps open until spawn
+        // returns.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(ns) = netns {
+                    if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 for &fd in &fds {
                     if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(io::Error::last_os_error());

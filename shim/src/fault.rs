@@ -32,8 +32,6 @@ pub const PHASES: &[&str] = &[
     "net.plumbed",
     // QEMU runs and is recorded; the agent is not up yet.
     "boot.vm-started",
-    // The agent is up and the sandbox set up; its network not configured.
-    "boot.network-pending",
     // VM, virtiofsd and the agent are up; the container is still `creating`.
     "create.sandbox-started",
     // The rootfs is mounted and shared, recorded; no device yet.
@@ -49,6 +47,9 @@ pub const PHASES: &[&str] = &[
     "create.container-created",
     // TaskCreate published, the reply not sent.
     "create.before-reply",
+    // The sandbox's first Start: its network endpoints plugged, the
+    // guest's network not configured yet.
+    "start.network-pending",
     // Start of the init process, around the agent's StartContainer.
     "start.before-agent",
     "start.after-agent",

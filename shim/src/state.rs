@@ -14,6 +14,8 @@
 //!     vm/                           0700  QEMU: qmp.sock, agent.sock, console.log,
 //!                                         qemu.stderr, qemu.pid (0600)
 //!     virtiofsd.sock, virtiofsd.log 0600
+//!     netns                               the sandbox's own network namespace
+//!                                         (bind mount), when the spec named none
 //! <bundle>/capsule.json             0600  BundleRecord: which sandbox and state
 //!                                         directory a container belongs to
 //! ```
@@ -215,6 +217,11 @@ impl SandboxPaths {
     }
     pub fn virtiofsd_log(&self) -> PathBuf {
         self.dir.join(VIRTIOFSD_LOG)
+    }
+    /// The sandbox's own network namespace (a bind mount), when the spec
+    /// asked for a new one without a path.
+    pub fn netns_file(&self) -> PathBuf {
+        self.dir.join("netns")
     }
     /// QEMU's pidfile (what cleanup uses when the shim died before QEMU's
     /// description was saved).

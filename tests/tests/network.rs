@@ -513,7 +513,7 @@ fn a_pod_namespace_made_by_hand_works_and_is_left_as_found() -> Result<()> {
 #[test]
 fn sigkill_of_the_shim_on_the_network_path_leaves_nothing() -> Result<()> {
     let _s = serial();
-    for (i, phase) in ["net.recorded", "net.plumbed", "boot.network-pending"]
+    for (i, phase) in ["net.recorded", "net.plumbed", "start.network-pending"]
         .into_iter()
         .enumerate()
     {

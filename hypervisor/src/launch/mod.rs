@@ -331,7 +331,13 @@ async fn start(
     let stderr_log = config.stderr_log();
     let _ = std::fs::remove_file(&stderr_log);
     let _ = std::fs::remove_file(config.console_log());
-    tracing::info!(qemu = %qemu.display(), args = ?args, "starting QEMU");
+    let netns = match &config.netns {
+        Some(p) => Some(std::fs::File::open(p).map_err(|e| {
+            HypervisorError::io(format!("opening network namespace {}", p.display()), e)
+        })?),
+        None => None,
+    };
+    tracing::info!(qemu = %qemu.display(), args = ?args, netns = ?config.netns, "starting QEMU");
     let process = VmProcess::spawn(
         &qemu,
         &args,
@@ -342,6 +348,7 @@ async fn start(
                 .flat_map(|c| c.chardev_fd.into_iter().chain(c.tap_fds.iter().copied()))
                 .collect(),
             die_with_parent: config.die_with_parent,
+            netns: netns.as_ref().map(AsRawFd::as_raw_fd),
         },
     )
     .map_err(|e| HypervisorError::Start {

@@ -223,6 +223,9 @@ impl Sandbox for FakeSandbox {
         self.call(format!("detach_devices {cid}"), None)?;
         Ok(self.manager()?.detach_container(cid).await?)
     }
+    async fn network_ready(&self) -> Result<()> {
+        self.call("network_ready".into(), None)
+    }
     async fn vm_devices(&self) -> Result<serde_json::Value> {
         Ok(serde_json::json!({"devices": []}))
     }

@@ -89,6 +89,11 @@ pub trait Sandbox: Send + Sync {
     /// its last user.
     async fn detach_devices(&self, cid: &str) -> Result<()>;
 
+    /// Before the sandbox's own first Start: plugs the pod network's
+    /// endpoints that appeared since Create (CNI may run between the two)
+    /// and configures the guest's network. Idempotent.
+    async fn network_ready(&self) -> Result<()>;
+
     /// The VM's real devices, as JSON (for `capsule inspect`).
     async fn vm_devices(&self) -> Result<serde_json::Value>;
 

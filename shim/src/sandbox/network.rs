@@ -64,10 +64,66 @@ pub struct NetworkPlan {
     pub endpoints: Vec<NetEndpoint>,
 }
 
+impl NetworkPlan {
+    /// Refuses a namespace without any link to give the VM (only lo).
+    pub fn require_endpoints(&self) -> Result<()> {
+        if !self.endpoints.is_empty() {
+            return Ok(());
+        }
+        Err(net_err(capsule_network::NetworkError::NoEndpoint {
+            netns: self.info.netns.display().to_string(),
+            links: self
+                .info
+                .links
+                .iter()
+                .map(|l| format!("{} ({})", l.name, l.kind))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }))
+    }
+}
+
+/// Makes a network namespace for a sandbox whose spec asked for a new one
+/// without a path (`ctr run`): pinned by a bind mount on `path` (inside the
+/// sandbox's state directory, so the sandbox's teardown removes it). The
+/// VM is started in it, so whoever configures the task's namespace (`ctr
+/// run --cni` uses `/proc/<task pid>/ns/net`) configures the pod's.
+pub fn create_private_netns(path: &Path) -> Result<()> {
+    let target = path.to_path_buf();
+    let made = std::thread::spawn(move || -> std::io::Result<()> {
+        // This thread only: it ends right after.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+        Ok(())
+    })
+    .join();
+    match made {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(crate::error::io(
+            format!("making the sandbox's network namespace {}", path.display()),
+            e,
+        )),
+        Err(_) => Err(Error::internal(format!(
+            "making the sandbox's network namespace {}: the thread panicked",
+            path.display()
+        ))),
+    }
+}
+
 /// Discovers the pod's namespace and plans one endpoint per L2 link, with
-/// `queues` tap queues each. Refuses a path that is not a network
-/// namespace, a namespace without such a link, or a link whose MTU the VM
-/// cannot carry, naming it.
+/// `queues` tap queues each (none when CNI has not run yet). Refuses a path
+/// that is not a network namespace, or a link whose MTU the VM cannot
+/// carry, naming it.
 pub async fn plan(netns: &Path, queues: u32) -> Result<NetworkPlan> {
     let ns = capsule_network::Netns::open(netns).map_err(net_err)?;
     let id = ns.id();
@@ -75,17 +131,6 @@ pub async fn plan(netns: &Path, queues: u32) -> Result<NetworkPlan> {
         .await
         .map_err(net_err)?;
     let links: Vec<&LinkInfo> = info.endpoints().collect();
-    if links.is_empty() {
-        return Err(net_err(capsule_network::NetworkError::NoEndpoint {
-            netns: netns.display().to_string(),
-            links: info
-                .links
-                .iter()
-                .map(|l| format!("{} ({})", l.name, l.kind))
-                .collect::<Vec<_>>()
-                .join(", "),
-        }));
-    }
     let mut endpoints = Vec::new();
     for l in links {
         let mut rec = capsule_network::plan(netns, l, queues).map_err(net_err)?;
@@ -139,17 +184,17 @@ fn purpose(ep: &NetEndpoint) -> String {
     format!("network {}", ep.link)
 }
 
-/// Records, plumbs and plugs every endpoint of `plan` (cold-plugged into
-/// a VM that has not booted when `cold`). On error the endpoints plumbed
-/// by this call are unplumbed and forgotten again.
+/// Records, plumbs and plugs `endpoints` (cold-plugged into a VM that has
+/// not booted when `cold`). On error the endpoints plumbed by this call are
+/// unplumbed and forgotten again.
 pub async fn attach(
     mgr: &DeviceManager,
     slot: &VmSlot,
-    plan: &NetworkPlan,
+    endpoints: &[NetEndpoint],
     cold: bool,
 ) -> Result<()> {
     let mut done: Vec<NetEndpoint> = Vec::new();
-    for ep in &plan.endpoints {
+    for ep in endpoints {
         if let Err(e) = attach_one(mgr, slot, ep, cold).await {
             let mut trouble = Vec::new();
             for d in done.iter().rev() {

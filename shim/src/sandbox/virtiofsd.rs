@@ -54,6 +54,7 @@ pub async fn spawn(
             log: Some(log),
             inherit_fds: Vec::new(),
             die_with_parent: false,
+            netns: None,
         },
     )
     .map_err(|e| crate::error::io(format!("starting {}", bin.display()), e))?;

@@ -107,6 +107,15 @@ pub async fn start(inner: &Inner, req: api::StartRequest) -> Result<api::StartRe
         exec_id: p.exec_id.clone(),
     });
     let guest = c.sandbox.guest();
+    if p.exec_id.is_empty() && c.id == c.sandbox.id() {
+        // The sandbox's own container: its network comes first.
+        if let Err(e) = c.sandbox.network_ready().await {
+            if let Err(t) = p.transition(Op::StartFailed) {
+                tracing::warn!(process = %p.what(), error = %t, "recording the failed start");
+            }
+            return Err(e);
+        }
+    }
     let started = if p.exec_id.is_empty() {
         p.start_io(streams.clone());
         fault::point("start.before-agent");

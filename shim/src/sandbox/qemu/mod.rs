@@ -169,16 +169,8 @@ async fn start(
     spec: &Spec,
 ) -> Result<QemuSandbox> {
     let hostname = spec.hostname().clone().unwrap_or_default();
-    let vm_config = vm_config(config, paths)?;
-    // The pod's network, discovered before anything starts: a bad
-    // namespace fails here.
-    let net_plan = match network::pod_network(spec)? {
-        network::PodNetwork::Loopback => None,
-        network::PodNetwork::Netns(ns) => {
-            // One queue pair per vCPU (the guest uses no more).
-            Some(network::plan(&ns, config.hypervisor.vcpus.max(1)).await?)
-        }
-    };
+    let mut vm_config = vm_config(config, paths)?;
+    let pod_network = network::pod_network(spec)?;
     for d in [
         &config.state_dir,
         &config.sandboxes_dir(),
@@ -191,6 +183,21 @@ async fn start(
     // The device state lock, held for the shim's whole life.
     let device_store =
         FileStore::open(&paths.dir).map_err(|e| Error::internal(format!("sandbox {id}: {e}")))?;
+    // The pod's network namespace: the spec's, or one of the sandbox's own
+    // for a spec that asked for a new one. QEMU runs in it. What CNI put
+    // there already is discovered now (a bad namespace fails here) and
+    // cold-plugged; what comes later, before the sandbox's first Start.
+    let (netns, netns_given) = match pod_network {
+        network::PodNetwork::Netns(ns) => (ns, true),
+        network::PodNetwork::Loopback => {
+            let own = paths.netns_file();
+            network::create_private_netns(&own)?;
+            (own, false)
+        }
+    };
+    let queues = config.hypervisor.vcpus.max(1);
+    let net_plan = network::plan(&netns, queues).await?;
+    vm_config.netns = Some(netns.clone());
     let layout = capsule_hypervisor::launch::layout_of(&vm_config);
     let mgr_config = ManagerConfig::new(config.block_device_driver, layout.device_slot_range());
     store.update(|r| r.manager = Some(ManagerRecord::of(&mgr_config)))?;
@@ -241,9 +248,7 @@ async fn start(
     )
     .await
     .map_err(|e| Error::from(e).context("adding the virtio-fs share"))?;
-    if let Some(plan) = &net_plan {
-        network::attach(&mgr, &slot, plan, true).await?;
-    }
+    network::attach(&mgr, &slot, &net_plan.endpoints, true).await?;
 
     let vm = slot
         .start()
@@ -294,29 +299,6 @@ async fn start(
     exits
         .race("setting up the sandbox in the guest", &console, setup)
         .await?;
-    crate::fault::point("boot.network-pending");
-    if let Some(plan) = &net_plan {
-        let wait = t.device_wait();
-        let req = network::setup_request(plan, wait);
-        let configure = async {
-            agent
-                .call(
-                    "SetupNetwork",
-                    Some(t.agent_call().max(wait + Duration::from_secs(5))),
-                    |c, ctx| async move { c.setup_network(ctx, &req).await },
-                )
-                .await
-                .map_err(|e| Error::from(e).context("configuring the pod network in the guest"))
-        };
-        exits
-            .race(
-                "configuring the pod network in the guest",
-                &console,
-                configure,
-            )
-            .await?;
-    }
-
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(faults::watch(
         id.to_string(),
@@ -339,7 +321,29 @@ async fn start(
         virtiofsd,
         stopping,
         rootfs_mounted: Mutex::new(std::collections::HashMap::new()),
+        network: tokio::sync::Mutex::new(PodNet {
+            netns,
+            given: netns_given,
+            queues,
+            attached: net_plan.endpoints,
+            configured: false,
+        }),
+        setup_timeout: t.agent_call().max(t.device_wait() + Duration::from_secs(5)),
+        device_wait: t.device_wait(),
     })
+}
+
+/// The pod network of a running sandbox.
+struct PodNet {
+    netns: std::path::PathBuf,
+    /// The spec named it (CRI, `--with-ns`): it must hold a link to give
+    /// the VM. Otherwise it is the sandbox's own (loopback unless CNI ran).
+    given: bool,
+    queues: u32,
+    /// Endpoints plugged into the VM.
+    attached: Vec<capsule_devmgr::NetEndpoint>,
+    /// The guest was configured.
+    configured: bool,
 }
 
 pub struct QemuSandbox {
@@ -354,6 +358,10 @@ pub struct QemuSandbox {
     virtiofsd: VmProcess,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     rootfs_mounted: Mutex<std::collections::HashMap<String, bool>>,
+    network: tokio::sync::Mutex<PodNet>,
+    /// Deadline of SetupNetwork (it waits for hot-plugged interfaces).
+    setup_timeout: Duration,
+    device_wait: Duration,
 }
 
 #[async_trait]
@@ -407,6 +415,42 @@ impl Sandbox for QemuSandbox {
 
     async fn detach_devices(&self, cid: &str) -> Result<()> {
         Ok(self.mgr.detach_container(cid).await?)
+    }
+
+    async fn network_ready(&self) -> Result<()> {
+        let mut net = self.network.lock().await;
+        if net.configured {
+            return Ok(());
+        }
+        // CNI may have run since Create (`ctr run --cni` configures the
+        // task's namespace between Create and Start): plug what is new.
+        let plan = network::plan(&net.netns, net.queues).await?;
+        if net.given {
+            plan.require_endpoints()?;
+        }
+        let new: Vec<_> = plan
+            .endpoints
+            .iter()
+            .filter(|e| !net.attached.iter().any(|a| a.link == e.link))
+            .cloned()
+            .collect();
+        network::attach(&self.mgr, &self.slot, &new, false).await?;
+        net.attached.extend(new);
+        crate::fault::point("start.network-pending");
+        if !plan.endpoints.is_empty() {
+            let req = network::setup_request(&plan, self.device_wait);
+            self.guest
+                .agent
+                .call(
+                    "SetupNetwork",
+                    Some(self.setup_timeout),
+                    |c, ctx| async move { c.setup_network(ctx, &req).await },
+                )
+                .await
+                .map_err(|e| Error::from(e).context("configuring the pod network in the guest"))?;
+        }
+        net.configured = true;
+        Ok(())
     }
 
     async fn vm_devices(&self) -> Result<serde_json::Value> {
