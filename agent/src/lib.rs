@@ -17,6 +17,7 @@ pub mod process;
 pub mod reaper;
 pub mod sandbox;
 pub mod service;
+pub mod signals;
 pub mod spawn;
 pub mod stdio;
 pub mod storage;

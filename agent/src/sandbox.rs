@@ -10,6 +10,7 @@ use std::time::Duration;
 use capsule_agent_protocol::agent::{CreateContainerRequest, Device, Storage};
 use protobuf::Message;
 
+use crate::container::namespaces::{self, NamespacePlan, NsKind};
 use crate::container::{self, cgroup::Cgroup, spec, Container, Prepared, Spawn};
 use crate::device::{self, DeviceWatcher};
 use crate::error::{AgentError, Result};
@@ -64,6 +65,11 @@ impl Sandbox {
             ))),
             None => Err(AgentError::NotFound(format!("container {cid:?} not found"))),
         }
+    }
+
+    /// True when `cid` is a created container of this sandbox.
+    fn is_ready(&self, cid: &str) -> bool {
+        matches!(lock(&self.containers).get(cid), Some(Slot::Ready(_)))
     }
 
     pub async fn create_sandbox(&self, hostname: &str, storages: &[Storage]) -> Result<()> {
@@ -141,10 +147,11 @@ impl Sandbox {
             .ok_or_else(|| AgentError::invalid(format!("{what}: spec has no process")))?;
         spec::check_process(&what, &process)?;
         spec::cap_sets(&what, &process)?;
-        let (namespaces, warnings) = spec::clone_flags(cid, &oci)?;
-        for w in warnings {
+        let ns = namespaces::plan(cid, &oci)?;
+        for w in &ns.warnings {
             tracing::warn!(cid, "{w}");
         }
+        namespaces::check_sysctls(cid, &oci, &ns)?;
         spec::mount_plan(cid, oci.mounts().as_deref().unwrap_or(&[]))?;
         let prepared = device::prepare(&self.devices, &req.devices, device_timeout(&req))
             .await
@@ -176,13 +183,7 @@ impl Sandbox {
             .await
             .map_err(|e| e.context(&what))?;
         let r = self
-            .spawn_container(
-                &req,
-                oci,
-                namespaces,
-                (devices, device_nodes),
-                storages.clone(),
-            )
+            .spawn_container(&req, oci, &ns, (devices, device_nodes), storages.clone())
             .await;
         if r.is_err() {
             for s in storages.iter().rev() {
@@ -196,11 +197,14 @@ impl Sandbox {
         &self,
         req: &CreateContainerRequest,
         oci: oci_spec::runtime::Spec,
-        namespaces: u64,
+        ns: &NamespacePlan,
         (devices, device_nodes): (Vec<container::child::DeviceWire>, Vec<(PathBuf, String)>),
         storages: Vec<PathBuf>,
     ) -> Result<Container> {
         let cid = req.container_id.as_str();
+        // Opened now, after the slow parts (devices, storages): the process
+        // named by a path must still be alive when the init joins it.
+        let joins = namespaces::open_joins(cid, &ns.join, &|other| self.is_ready(other))?;
         let mut mounts: Vec<PathBuf> = self.storages.lock().await.clone();
         mounts.extend(storages.iter().cloned());
         let rootfs = spec::resolve_rootfs(cid, &req.rootfs, &mounts)?;
@@ -220,7 +224,9 @@ impl Sandbox {
                 id: cid.to_string(),
                 spec: oci,
                 rootfs,
-                namespaces,
+                namespaces: ns.new,
+                joins,
+                set_hostname: ns.has(NsKind::Uts),
                 devices,
                 device_nodes,
                 stdin: req.stdin,

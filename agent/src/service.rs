@@ -124,7 +124,12 @@ impl AgentService {
             return c.signal_all(sig);
         }
         let p = c.process(&req.exec_id)?;
-        p.signal(sig).map_err(|e| {
+        let r = if req.exec_id.is_empty() {
+            c.signal_init(sig)
+        } else {
+            p.signal(sig)
+        };
+        r.map_err(|e| {
             if e.raw_os_error() == Some(libc::ESRCH) {
                 AgentError::NotFound(format!(
                     "{}: process already exited",

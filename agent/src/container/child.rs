@@ -55,8 +55,9 @@ pub struct InitConfig {
     pub rootfs: PathBuf,
     pub devices: Vec<DeviceWire>,
     pub terminal: bool,
-    /// The container has its own UTS namespace (so the hostname may be set).
-    pub new_uts: bool,
+    /// The container has a UTS namespace, its own or the pod's (so the
+    /// hostname is set, like runc does).
+    pub set_hostname: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,7 +236,7 @@ fn open_terminal(what: &str) -> Result<PathBuf, String> {
 
 /// Applies the OCI process settings and execs it. Returns only on error.
 pub fn become_process(what: &str, p: &Process, terminal: bool) -> Result<Infallible, Status> {
-    reset_signals();
+    crate::signals::reset_for_exec().map_err(|e| format!("{what}: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("{what}: setsid: {}", e.desc()))?;
     if terminal && unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
         return Err(format!(
@@ -272,19 +273,6 @@ pub fn become_process(what: &str, p: &Process, terminal: bool) -> Result<Infalli
     std::env::set_current_dir(p.cwd())
         .map_err(|e| Status::BadProcess(format!("{what}: cwd {}: {e}", p.cwd().display())))?;
     exec(what, p).map_err(Status::BadProcess)
-}
-
-fn reset_signals() {
-    unsafe {
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
 }
 
 #[repr(C)]

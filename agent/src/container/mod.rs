@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod child;
 mod launch;
+pub mod namespaces;
 pub mod rootfs;
 pub mod spec;
 
@@ -73,7 +74,13 @@ pub struct Prepared {
     pub id: String,
     pub spec: Spec,
     pub rootfs: PathBuf,
+    /// `CLONE_NEW*` flags of the namespaces to create.
     pub namespaces: u64,
+    /// Namespaces to join (the pod's), opened and checked.
+    pub joins: Vec<namespaces::OpenedNs>,
+    /// The container has a uts namespace (its own or the pod's), so its
+    /// hostname is set.
+    pub set_hostname: bool,
     pub devices: Vec<child::DeviceWire>,
     /// [`Container::device_nodes`] of the `devices`.
     pub device_nodes: Vec<(PathBuf, String)>,
@@ -105,28 +112,36 @@ impl Container {
             rootfs: p.rootfs.clone(),
             devices: p.devices,
             terminal,
-            new_uts: p.namespaces & libc::CLONE_NEWUTS as u64 != 0,
+            set_hostname: p.set_hostname,
         };
         let json = serde_json::to_vec(&cfg).map_err(|e| AgentError::internal(&what, e))?;
         let config = config_fd(&what, &json)?;
         let (start_r, start_w) = pipe_pair(&what)?;
         let (status_r, status_w) = pipe_pair(&what)?;
         let cg = cgroup_fd(&what, &cgroup)?;
-        let spec = SpawnSpec {
-            program: self_exe(),
-            argv: crate::spawn::cstrings(&what, &["capsule-init", "init-container"])
-                .map_err(AgentError::Internal)?,
-            envp: Vec::new(),
-            fds: child_fds(&child_io, &config, Some(&start_r), &status_w),
-            namespaces: p.namespaces,
-            cgroup: Some(cg.as_fd()),
-        };
-        let (spawned, exit) = sp
-            .reaper
-            .spawn(&spec)
-            .map_err(|e| io_err(format!("{what}: spawn init"), e))?;
-        drop(spec);
-        drop((child_io, config, start_r, status_w, cg));
+        let argv = crate::spawn::cstrings(&what, &["capsule-init", "init-container"])
+            .map_err(AgentError::Internal)?;
+        let new = p.namespaces;
+        let cid = p.id.clone();
+        let (spawned, exit) =
+            launch::spawn_on_thread(sp.reaper, &what, p.joins, move |reaper, joins| {
+                // The pod's namespaces first (setns on this thread: pid sets the
+                // namespace of the init, the others are inherited by it), then
+                // the new ones in the clone.
+                namespaces::join_on_this_thread(&cid, &joins)?;
+                let spec = SpawnSpec {
+                    program: self_exe(),
+                    argv,
+                    envp: Vec::new(),
+                    fds: child_fds(&child_io, &config, Some(&start_r), &status_w),
+                    namespaces: new,
+                    cgroup: Some(cg.as_fd()),
+                };
+                reaper
+                    .spawn(&spec)
+                    .map_err(|e| io_err(format!("container {cid:?}: spawn init"), e))
+            })
+            .await?;
         let status = pipe::Receiver::from_owned_fd(status_r)
             .map_err(|e| io_err(format!("{what}: status pipe"), e))?;
         let mut status = BufReader::new(status);
@@ -312,39 +327,32 @@ impl Container {
         let cg = cgroup_fd(what, &self.cgroup)?;
         let pidns = File::open(format!("/proc/{}/ns/pid", self.init.pid))
             .map_err(|e| io_err(format!("{what}: open the container's pid namespace"), e))?;
-        let reaper = sp.reaper.clone();
         let argv = crate::spawn::cstrings(what, &["capsule-exec", "exec-enter"])
             .map_err(AgentError::Internal)?;
+        let cid = self.id.clone();
         let w = what.to_string();
-        // setns(CLONE_NEWPID) changes the calling thread's namespace for its
-        // future children: do it on a throwaway thread, never a runtime one.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("exec-spawn".into())
-            .spawn(move || {
-                let r = (|| {
-                    nix::sched::setns(&pidns, nix::sched::CloneFlags::CLONE_NEWPID).map_err(
-                        |e| crate::error::sys_err(format!("{w}: join pid namespace"), e),
-                    )?;
-                    let spec = SpawnSpec {
-                        program: self_exe(),
-                        argv,
-                        envp: Vec::new(),
-                        fds: child_fds(&io_child, &config, None, &status_w),
-                        namespaces: 0,
-                        cgroup: Some(cg.as_fd()),
-                    };
-                    reaper
-                        .spawn(&spec)
-                        .map_err(|e| io_err(format!("{w}: spawn"), e))
-                })();
-                drop((io_child, config, status_w, cg));
-                let _ = tx.send(r);
+        let joins = vec![namespaces::OpenedNs {
+            kind: namespaces::NsKind::Pid,
+            file: pidns,
+        }];
+        // The other namespaces and the root are joined by the process
+        // itself (exec-enter), single-threaded.
+        let (spawned, exit) =
+            launch::spawn_on_thread(sp.reaper, what, joins, move |reaper, joins| {
+                namespaces::join_on_this_thread(&cid, &joins)?;
+                let spec = SpawnSpec {
+                    program: self_exe(),
+                    argv,
+                    envp: Vec::new(),
+                    fds: child_fds(&io_child, &config, None, &status_w),
+                    namespaces: 0,
+                    cgroup: Some(cg.as_fd()),
+                };
+                reaper
+                    .spawn(&spec)
+                    .map_err(|e| io_err(format!("{w}: spawn"), e))
             })
-            .map_err(|e| io_err(format!("{what}: spawn thread"), e))?;
-        let (spawned, exit) = rx
-            .await
-            .map_err(|_| AgentError::Internal(format!("{what}: spawn thread died")))??;
+            .await?;
         let status = pipe::Receiver::from_owned_fd(status_r)
             .map_err(|e| io_err(format!("{what}: status pipe"), e))?;
         let mut status = BufReader::new(status);
@@ -401,12 +409,48 @@ impl Container {
             .collect()
     }
 
+    /// The signal that has the effect `sig` asks for on process `pid`:
+    /// SIGKILL when `pid` is the init of its pid namespace and would drop
+    /// `sig` (see [`crate::signals`]).
+    fn effective_signal(&self, pid: i32, sig: i32) -> i32 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return sig;
+        };
+        let Some(state) = crate::signals::parse_status(&status) else {
+            tracing::warn!(cid = %self.id, pid, "unreadable /proc/{pid}/status; signal sent as is");
+            return sig;
+        };
+        let eff = crate::signals::effective_signal(sig, &state);
+        if eff != sig {
+            tracing::info!(
+                cid = %self.id,
+                pid,
+                signal = sig,
+                "the process is the init of its pid namespace and does not handle the signal, which the kernel would drop: sending SIGKILL"
+            );
+        }
+        eff
+    }
+
+    /// Signals the init process (through its pidfd).
+    pub fn signal_init(&self, sig: i32) -> std::io::Result<()> {
+        if self.init.exited().is_some() {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        self.init.signal(self.effective_signal(self.init.pid, sig))
+    }
+
     pub fn signal_all(&self, sig: i32) -> Result<()> {
         if sig == libc::SIGKILL {
             self.cgroup.kill_all();
             return Ok(());
         }
         for pid in self.cgroup.procs() {
+            let sig = if pid == self.init.pid {
+                self.effective_signal(pid, sig)
+            } else {
+                sig
+            };
             match nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::try_from(sig).ok(),

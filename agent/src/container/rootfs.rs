@@ -59,7 +59,7 @@ pub fn prepare(cfg: &InitConfig) -> R {
         }
     }
     create_devices(cfg)?;
-    if cfg.new_uts {
+    if cfg.set_hostname {
         if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
             nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h:?}: {}", e.desc()))?;
         }
