@@ -152,6 +152,13 @@ impl Sandbox {
             tracing::warn!(cid, "{w}");
         }
         namespaces::check_sysctls(cid, &oci, &ns)?;
+        if let Some(profile) = oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            let f = container::seccomp::compile(profile)
+                .map_err(|e| AgentError::invalid(format!("{what}: {e}")))?;
+            if !f.skipped.is_empty() {
+                tracing::debug!(cid, skipped = ?f.skipped, "seccomp: syscalls this architecture does not have");
+            }
+        }
         spec::mount_plan(cid, oci.mounts().as_deref().unwrap_or(&[]))?;
         let prepared = device::prepare(&self.devices, &req.devices, device_timeout(&req))
             .await

@@ -283,3 +283,113 @@ async fn pod_namespaces_sysctls_and_stop_signals() {
     }
     vm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_profiles() {
+    let _g = vm_lock();
+    let vm = Vm::boot(VmOptions::default()).await;
+    let conn = vm.connect().await;
+    create_sandbox(&conn, "").await.unwrap();
+    let own = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    let profile = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["sethostname", "not_a_syscall_at_all"], "action": "SCMP_ACT_ERRNO"},
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 28},
+            {"names": ["sync"], "action": "SCMP_ACT_KILL_PROCESS"},
+            {"names": ["personality"], "action": "SCMP_ACT_ERRNO",
+             "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]}
+        ]
+    });
+    let script = "grep -E '^(Seccomp|NoNewPrivs|CapEff):' /proc/self/status; \
+                  hostname blocked 2>&1; echo rc=$?; mkdir /tmp/d 2>&1; echo rc=$?";
+
+    // no_new_privs on (support::process): loaded right before execve.
+    let mut s = pod_spec(
+        &["sh", "-c", &format!("{script}; sleep 100000")],
+        "sc",
+        own.clone(),
+        json!({}),
+    );
+    s["linux"]["seccomp"] = profile.clone();
+    s["process"]["capabilities"] = json!({"bounding": ["CAP_SYS_ADMIN", "CAP_KILL"],
+        "effective": ["CAP_SYS_ADMIN", "CAP_KILL"], "permitted": ["CAP_SYS_ADMIN", "CAP_KILL"]});
+    start(&vm, &conn, "sc", &s).await;
+    let out = sh(&conn, "sc", "again", script).await;
+    for want in [
+        "Seccomp:\t2",
+        "NoNewPrivs:\t1",
+        "CapEff:\t000001ffffffffff",
+        "Operation not permitted",
+        "No space left on device",
+    ] {
+        assert!(
+            out.contains(want),
+            "exec in a seccomp container: {want}: {out}"
+        );
+    }
+    assert_eq!(out.matches("rc=1").count(), 2, "{out}");
+    // KILL_PROCESS: SIGSYS.
+    let (st, _, _) = run(&conn, "sc", "sync", &["sync"]).await;
+    assert_eq!(st, 128 + libc::SIGSYS, "sync under SCMP_ACT_KILL_PROCESS");
+    // The init's own output (same profile, loaded in the init).
+    signal(&conn, "sc", "", 9, false).await.unwrap();
+    let init_out = String::from_utf8_lossy(&read_all(&conn, "sc", "", false).await).into_owned();
+    assert!(
+        init_out.contains("Seccomp:\t2")
+            && init_out.contains("CapEff:\t0000000000200020")
+            && init_out.contains("Operation not permitted"),
+        "{init_out}"
+    );
+
+    // no_new_privs off, root with every capability: loaded before the
+    // capabilities are set, still in force.
+    let mut s = pod_spec(&["sh", "-c", script], "sc2", own.clone(), json!({}));
+    s["linux"]["seccomp"] = profile.clone();
+    s["process"]["noNewPrivileges"] = json!(false);
+    start(&vm, &conn, "sc2", &s).await;
+    let out = String::from_utf8_lossy(&read_all(&conn, "sc2", "", false).await).into_owned();
+    assert_eq!(wait(&conn, "sc2", "").await, 0, "{out}");
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("NoNewPrivs:\t0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("CapEff:\t000001ffffffffff"),
+        "all capabilities: {out}"
+    );
+    assert!(out.contains("Operation not permitted"), "{out}");
+
+    // Without a profile: mode 0 and sethostname works.
+    start(
+        &vm,
+        &conn,
+        "plain",
+        &pod_spec(&["sh", "-c", script], "plain", own.clone(), json!({})),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&read_all(&conn, "plain", "", false).await).into_owned();
+    assert_eq!(wait(&conn, "plain", "").await, 0, "{out}");
+    assert!(out.contains("Seccomp:\t0"), "{out}");
+    assert_eq!(out.matches("rc=0").count(), 2, "{out}");
+
+    // Refused at CreateContainer: SCMP_ACT_NOTIFY.
+    let mut s = pod_spec(&["true"], "x", own, json!({}));
+    s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["ioctl"], "action": "SCMP_ACT_NOTIFY"}]});
+    let rootfs = vm.busybox_rootfs("notify");
+    let e = create_container(&conn, "notify", &rootfs, &s, vec![], false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::INVALID_ARGUMENT), "{e}");
+    assert!(
+        e.to_string().contains("NOTIFY") && e.to_string().contains("\"notify\""),
+        "{e}"
+    );
+
+    for c in ["sc", "sc2", "plain"] {
+        remove(&conn, c).await.unwrap();
+    }
+    vm.shutdown().await;
+}

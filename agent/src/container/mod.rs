@@ -6,6 +6,7 @@ pub mod child;
 mod launch;
 pub mod namespaces;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -320,6 +321,7 @@ impl Container {
             init_pid: self.init.pid,
             process,
             terminal,
+            seccomp: self.spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
         };
         let json = serde_json::to_vec(&cfg).map_err(|e| AgentError::internal(what, e))?;
         let config = config_fd(what, &json)?;
