@@ -332,6 +332,14 @@ rpcs! {
     tty_win_resize(TtyWinResizeRequest) -> Empty, "TtyWinResize", default;
     add_device(AddDeviceRequest) -> AddDeviceResponse, "AddDevice", default;
     remove_device(RemoveDeviceRequest) -> Empty, "RemoveDevice", default;
+    /// The next OOM kill after `req.after` (the `seq` of the last event
+    /// handled, 0 at first). Waits until there is one: no timeout.
+    /// Cancellation-safe: the agent consumes nothing when it answers, so
+    /// dropping this future (or losing the connection) loses no event;
+    /// call again with the same `after`. Loop:
+    /// `after = conn.get_oom_event(&req(after)).await?.seq` and publish
+    /// TaskOOM for each `container_id`.
+    get_oom_event(GetOOMEventRequest) -> OOMEvent, "GetOOMEvent", none;
 }
 
 async fn open_after_drop(

@@ -14,6 +14,7 @@ use crate::container::namespaces::{self, NamespacePlan, NsKind};
 use crate::container::{self, cgroup::Cgroup, spec, Container, Prepared, Spawn};
 use crate::device::{self, DeviceWatcher};
 use crate::error::{AgentError, Result};
+use crate::oom::OomWatcher;
 use crate::paths::{secure_join, valid_id};
 use crate::reaper::Reaper;
 
@@ -39,6 +40,8 @@ enum Slot {
 pub struct Sandbox {
     pub reaper: Arc<Reaper>,
     pub devices: Arc<DeviceWatcher>,
+    /// OOM kills of the containers (GetOOMEvent).
+    pub oom: Arc<OomWatcher>,
     containers: Mutex<HashMap<String, Slot>>,
     storages: tokio::sync::Mutex<Vec<PathBuf>>,
 }
@@ -48,10 +51,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sandbox {
-    pub fn new(reaper: Arc<Reaper>, devices: Arc<DeviceWatcher>) -> Self {
+    pub fn new(reaper: Arc<Reaper>, devices: Arc<DeviceWatcher>, oom: Arc<OomWatcher>) -> Self {
         Self {
             reaper,
             devices,
+            oom,
             containers: Mutex::new(HashMap::new()),
             storages: tokio::sync::Mutex::new(Vec::new()),
         }
@@ -222,6 +226,9 @@ impl Sandbox {
             )));
         }
         let cgroup = Cgroup::create(cid)?;
+        if let Err(e) = self.oom.add(cid, &cgroup.dir) {
+            tracing::warn!(cid, error = %e, "no OOM events for this container");
+        }
         let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
         let r = async {
             if let Some(r) = &resources {
@@ -250,6 +257,7 @@ impl Sandbox {
         }
         .await;
         if r.is_err() {
+            self.oom.remove(cid);
             let _ = cgroup.remove(cid).await;
         }
         r
@@ -257,7 +265,7 @@ impl Sandbox {
 
     pub async fn remove_container(&self, cid: &str, timeout: Duration) -> Result<()> {
         let c = self.container(cid)?;
-        c.destroy(timeout).await?;
+        c.destroy(timeout, &self.oom).await?;
         lock(&self.containers).remove(cid);
         Ok(())
     }

@@ -71,6 +71,9 @@ impl AgentService {
             "virtiofs",
             "devices",
             "exec",
+            "pod-namespaces",
+            "seccomp",
+            "oom-events",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -433,6 +436,15 @@ impl Agent for AgentService {
         }
         .await;
         done("AddDevice", r)
+    }
+
+    async fn get_oom_event(&self, _: &TtrpcContext, req: GetOOMEventRequest) -> TtResult<OOMEvent> {
+        let e = self.sandbox.oom.next_after(req.after).await;
+        tracing::debug!(cid = %e.container_id, seq = e.seq, "GetOOMEvent");
+        let mut r = OOMEvent::new();
+        r.container_id = e.container_id;
+        r.seq = e.seq;
+        Ok(r)
     }
 
     async fn remove_device(&self, _: &TtrpcContext, req: RemoveDeviceRequest) -> TtResult<Empty> {

@@ -393,3 +393,145 @@ async fn seccomp_profiles() {
     }
     vm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_events_and_privileged_devices() {
+    use capsule_agent_protocol::agent::GetOOMEventRequest;
+    let _g = vm_lock();
+    let vm = Vm::boot(VmOptions::default()).await;
+    let conn = vm.connect().await;
+    create_sandbox(&conn, "").await.unwrap();
+    let own = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    let oom_req = |after: u64| {
+        let mut r = GetOOMEventRequest::new();
+        r.after = after;
+        r
+    };
+
+    // No OOM yet: the long poll waits (and is cancelled here, losing nothing).
+    let none = tokio::time::timeout(Duration::from_secs(1), conn.get_oom_event(&oom_req(0))).await;
+    assert!(none.is_err(), "no OOM event yet: {none:?}");
+
+    // A container under a 24 MiB limit that keeps 100 MB in a shell variable.
+    let mut s = pod_spec(
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+        "oom",
+        own.clone(),
+        json!({}),
+    );
+    s["linux"]["resources"]["memory"] = json!({"limit": 24 << 20});
+    let t = Instant::now();
+    start(&vm, &conn, "hog", &s).await;
+    let poll = tokio::time::timeout(Duration::from_secs(60), conn.get_oom_event(&oom_req(0)))
+        .await
+        .expect("an OOM event within 60 s")
+        .unwrap();
+    assert_eq!(poll.container_id, "hog");
+    assert_eq!(poll.seq, 1);
+    eprintln!("OOM event {:?} after start", t.elapsed());
+    let (st, _) = wait_init(&conn, "hog", Duration::from_secs(30)).await;
+    assert_eq!(st, Some(137), "the init was OOM-killed");
+    // Asking again from the start gives the same event; after it, nothing.
+    assert_eq!(conn.get_oom_event(&oom_req(0)).await.unwrap().seq, 1);
+    let after =
+        tokio::time::timeout(Duration::from_millis(500), conn.get_oom_event(&oom_req(1))).await;
+    assert!(after.is_err(), "one event per OOM kill: {after:?}");
+    remove(&conn, "hog").await.unwrap();
+    // Stats of a removed container are gone; no new event from the removal.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), conn.get_oom_event(&oom_req(1)))
+            .await
+            .is_err()
+    );
+
+    // Privileged: the allow-all device rule gives the guest's devices and
+    // the spec's capabilities.
+    let all_caps: Vec<String> = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ]
+    .iter()
+    .map(|c| format!("CAP_{c}"))
+    .collect();
+    let script = "ls /dev; grep CapEff /proc/self/status; test -c /dev/kmsg && echo kmsg-ok; \
+                  test -e /dev/console && echo console-there; test -L /dev/ptmx && echo ptmx-link; \
+                  head -c 4 /dev/hwrng | wc -c";
+    let mut s = pod_spec(&["sh", "-c", script], "priv", own.clone(), json!({}));
+    s["linux"]["resources"]["devices"] =
+        json!([{"allow": false, "access": "rwm"}, {"allow": true, "access": "rwm"}]);
+    s["process"]["capabilities"] = json!({"bounding": all_caps, "effective": all_caps,
+        "permitted": all_caps});
+    s["linux"]["maskedPaths"] = json!([]);
+    s["linux"]["readonlyPaths"] = json!([]);
+    start(&vm, &conn, "priv", &s).await;
+    let out = String::from_utf8_lossy(&read_all(&conn, "priv", "", false).await).into_owned();
+    assert_eq!(wait(&conn, "priv", "").await, 0, "{out}");
+    for want in [
+        "kmsg-ok",
+        "ttyS0",
+        "mem",
+        "hwrng",
+        "ptmx-link",
+        "CapEff:\t000001ffffffffff",
+    ] {
+        assert!(out.contains(want), "privileged /dev: {want}: {out}");
+    }
+    assert!(!out.contains("console-there"), "{out}");
+    assert!(
+        out.trim_end().ends_with('4'),
+        "the guest's hwrng works: {out}"
+    );
+    // The same without the rule: only the standard nodes.
+    s["linux"]["resources"]["devices"] = json!([{"allow": false, "access": "rwm"}]);
+    start(&vm, &conn, "plain", &s).await;
+    let out = String::from_utf8_lossy(&read_all(&conn, "plain", "", false).await).into_owned();
+    assert!(!out.contains("kmsg-ok") && !out.contains("hwrng"), "{out}");
+    let _ = wait(&conn, "plain", "").await;
+    for c in ["priv", "plain"] {
+        remove(&conn, c).await.unwrap();
+    }
+    vm.shutdown().await;
+}

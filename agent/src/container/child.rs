@@ -58,6 +58,9 @@ pub struct InitConfig {
     /// The container has a UTS namespace, its own or the pod's (so the
     /// hostname is set, like runc does).
     pub set_hostname: bool,
+    /// Privileged: the container's /dev gets every device node of the
+    /// guest (see [`super::privileged`]).
+    pub guest_devices: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod child;
 mod launch;
 pub mod namespaces;
+pub mod privileged;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
@@ -114,6 +115,7 @@ impl Container {
             devices: p.devices,
             terminal,
             set_hostname: p.set_hostname,
+            guest_devices: privileged::is_privileged(&p.spec),
         };
         let json = serde_json::to_vec(&cfg).map_err(|e| AgentError::internal(&what, e))?;
         let config = config_fd(&what, &json)?;
@@ -493,8 +495,10 @@ impl Container {
         Ok(())
     }
 
-    /// Kills everything, waits up to `timeout` for the init, removes the cgroup.
-    pub async fn destroy(&self, timeout: Duration) -> Result<()> {
+    /// Kills everything, waits up to `timeout` for the init, takes the
+    /// container out of the OOM watcher (a last look at its counter) and
+    /// removes the cgroup.
+    pub async fn destroy(&self, timeout: Duration, oom: &crate::oom::OomWatcher) -> Result<()> {
         let what = self.what();
         // Abort a created-but-not-started init.
         drop(self.start.lock().await.take());
@@ -518,6 +522,7 @@ impl Container {
             self.cgroup.kill_all();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        oom.remove(&self.id);
         self.cgroup.remove(&self.id).await?;
         for s in self.storages.iter().rev() {
             crate::storage::unmount(s);

@@ -59,6 +59,10 @@ pub fn prepare(cfg: &InitConfig) -> R {
         }
     }
     create_devices(cfg)?;
+    if cfg.guest_devices {
+        let dev = secure_join(rootfs, Path::new("/dev")).map_err(|e| format!("/dev: {e}"))?;
+        super::privileged::copy_device_nodes(Path::new("/dev"), &dev)?;
+    }
     if cfg.set_hostname {
         if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
             nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h:?}: {}", e.desc()))?;
