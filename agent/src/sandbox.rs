@@ -157,8 +157,10 @@ impl Sandbox {
         }
         namespaces::check_sysctls(cid, &oci, &ns)?;
         if let Some(profile) = oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-            let f = container::seccomp::compile(profile)
-                .map_err(|e| AgentError::invalid(format!("{what}: {e}")))?;
+            let f = container::seccomp::compile(profile).map_err(|e| AgentError::Seccomp {
+                what: what.clone(),
+                source: e,
+            })?;
             if !f.skipped.is_empty() {
                 tracing::debug!(cid, skipped = ?f.skipped, "seccomp: syscalls this architecture does not have");
             }
@@ -166,9 +168,8 @@ impl Sandbox {
         spec::mount_plan(cid, oci.mounts().as_deref().unwrap_or(&[]))?;
         let prepared = device::prepare(&self.devices, &req.devices, device_timeout(&req))
             .await
-            .map_err(|e| AgentError::from(e).context(&what))?;
-        device::rewrite_spec(&mut oci, &prepared)
-            .map_err(|e| AgentError::from(e).context(&what))?;
+            .map_err(|e| AgentError::device(&what, e))?;
+        device::rewrite_spec(&mut oci, &prepared).map_err(|e| AgentError::device(&what, e))?;
         let devices = prepared
             .iter()
             .map(|p| {
@@ -302,9 +303,8 @@ impl Sandbox {
             check_no_symlinks(&what, &root, &rel)?;
             let prepared = device::prepare(&self.devices, std::slice::from_ref(&d), DEVICE_TIMEOUT)
                 .await
-                .map_err(|e| AgentError::from(e).context(&what))?;
-            device::create_nodes(&root, &prepared)
-                .map_err(|e| AgentError::from(e).context(&what))?;
+                .map_err(|e| AgentError::device(&what, e))?;
+            device::create_nodes(&root, &prepared).map_err(|e| AgentError::device(&what, e))?;
             let p = prepared
                 .first()
                 .ok_or_else(|| AgentError::Internal(format!("{what}: nothing prepared")))?;

@@ -248,12 +248,14 @@ impl Agent for AgentService {
     ) -> TtResult<Empty> {
         let r = (|| {
             let c = self.sandbox.container(&req.container_id)?;
-            let res: LinuxResources = serde_json::from_slice(&req.resources).map_err(|e| {
-                AgentError::invalid(format!(
-                    "container {:?}: resources are not valid OCI LinuxResources: {e}",
-                    req.container_id
-                ))
-            })?;
+            let res: LinuxResources =
+                serde_json::from_slice(&req.resources).map_err(|e| AgentError::Json {
+                    what: format!(
+                        "container {:?}: resources are not valid OCI LinuxResources",
+                        req.container_id
+                    ),
+                    source: e,
+                })?;
             c.cgroup.apply(&req.container_id, &res)
         })();
         done("UpdateContainer", r.map(|_| Empty::new()))

@@ -90,6 +90,16 @@ pub struct Prepared {
     pub storages: Vec<PathBuf>,
 }
 
+/// The result of a cleanup SIGKILL: a process already gone is fine, any
+/// other failure is logged (the cleanup goes on).
+fn cleanup_kill(what: &str, r: std::io::Result<()>) {
+    match r {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(e) => tracing::warn!(error = %e, "{what}: SIGKILL during cleanup failed"),
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -152,7 +162,10 @@ impl Container {
         let stdio = match io.finish(&what, p.stdin, size, &mut status).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL);
+                cleanup_kill(
+                    &what,
+                    crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL),
+                );
                 crate::reaper::wait_exit(&mut exit).await;
                 return Err(e);
             }
@@ -168,7 +181,7 @@ impl Container {
         match ready {
             Ok(Some(Status::Ready)) => {}
             other => {
-                let _ = init.signal(libc::SIGKILL);
+                cleanup_kill(&what, init.signal(libc::SIGKILL));
                 let exit = init.wait().await;
                 return Err(match other {
                     Err(e) => e,
@@ -363,7 +376,10 @@ impl Container {
         let stdio = match io.finish(what, stdin, size, &mut status).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL);
+                cleanup_kill(
+                    what,
+                    crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL),
+                );
                 return Err(e);
             }
         };
@@ -377,13 +393,13 @@ impl Container {
         match next_status(what, &mut status, SETUP_TIMEOUT).await {
             Ok(None) => Ok(entry),
             Ok(Some(s)) => {
-                let _ = entry.signal(libc::SIGKILL);
+                cleanup_kill(what, entry.signal(libc::SIGKILL));
                 Err(AgentError::Internal(format!(
                     "{what}: unexpected status {s:?}"
                 )))
             }
             Err(e) => {
-                let _ = entry.signal(libc::SIGKILL);
+                cleanup_kill(what, entry.signal(libc::SIGKILL));
                 Err(e)
             }
         }
@@ -503,9 +519,11 @@ impl Container {
         // Abort a created-but-not-started init.
         drop(self.start.lock().await.take());
         self.cgroup.kill_all();
-        let _ = self.init.signal(libc::SIGKILL);
+        cleanup_kill(&what, self.init.signal(libc::SIGKILL));
         if self.state() == State::Paused {
-            let _ = self.cgroup.set_frozen(&self.id, false).await;
+            if let Err(e) = self.cgroup.set_frozen(&self.id, false).await {
+                tracing::warn!(error = %e, "{what}: thaw before removal failed");
+            }
         }
         if tokio::time::timeout(timeout, self.init.wait())
             .await

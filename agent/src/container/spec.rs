@@ -13,14 +13,18 @@ use crate::paths::{is_clean_absolute, SHARED_DIR};
 
 /// Parses the OCI spec JSON of container `cid`.
 pub fn parse_spec(cid: &str, json: &[u8]) -> Result<Spec> {
-    serde_json::from_slice(json)
-        .map_err(|e| AgentError::invalid(format!("container {cid:?}: OCI spec is not valid: {e}")))
+    serde_json::from_slice(json).map_err(|e| AgentError::Json {
+        what: format!("container {cid:?}: OCI spec is not valid"),
+        source: e,
+    })
 }
 
 /// Parses an OCI `Process` (exec requests), named for errors.
 pub fn parse_process(what: &str, json: &[u8]) -> Result<Process> {
-    let p: Process = serde_json::from_slice(json)
-        .map_err(|e| AgentError::invalid(format!("{what}: OCI process is not valid: {e}")))?;
+    let p: Process = serde_json::from_slice(json).map_err(|e| AgentError::Json {
+        what: format!("{what}: OCI process is not valid"),
+        source: e,
+    })?;
     check_process(what, &p)?;
     Ok(p)
 }
