@@ -13,7 +13,15 @@ cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-gnu
 bin=target/agent/$target/release/capsule-agent
 
-# Static glibc; no debug info (it would only grow the initramfs).
+# Static glibc and libseccomp (libseccomp-dev's libseccomp.a, installed by
+# scripts/install-deps.sh); no debug info (it would only grow the initramfs).
+libdir=${LIBSECCOMP_LIB_PATH:-/usr/lib/x86_64-linux-gnu}
+if [ ! -f "$libdir/libseccomp.a" ]; then
+    echo "build-static: $libdir/libseccomp.a is missing: run scripts/install-deps.sh (libseccomp-dev)" >&2
+    exit 1
+fi
+LIBSECCOMP_LINK_TYPE=static \
+LIBSECCOMP_LIB_PATH="$libdir" \
 RUSTFLAGS="-C target-feature=+crt-static" \
 CARGO_PROFILE_RELEASE_DEBUG=0 \
 CARGO_PROFILE_RELEASE_STRIP=symbols \

@@ -12,7 +12,7 @@ APT_PACKAGES=(
   busybox-static         # guest userland and test images
   kmod cpio              # guest image build (depmod, initramfs)
   e2fsprogs util-linux   # mkfs, losetup
-  libcap-ng-dev libseccomp-dev pkg-config  # cargo install virtiofsd
+  libcap-ng-dev libseccomp-dev pkg-config  # cargo install virtiofsd; the agent links libseccomp.a
   socat                  # poking unix sockets by hand when debugging
   iproute2               # ip/tc: network test fixtures (namespaces, veths, qdiscs)
 )

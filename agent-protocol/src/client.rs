@@ -335,6 +335,14 @@ rpcs! {
     /// Waits up to the request's `timeout_ms` for the interfaces: the
     /// connection's call timeout must be longer.
     setup_network(SetupNetworkRequest) -> Empty, "SetupNetwork", default;
+    /// The next OOM kill after `req.after` (the `seq` of the last event
+    /// handled, 0 at first). Waits until there is one: no timeout.
+    /// Cancellation-safe: the agent consumes nothing when it answers, so
+    /// dropping this future (or losing the connection) loses no event;
+    /// call again with the same `after`. Loop:
+    /// `after = conn.get_oom_event(&req(after)).await?.seq` and publish
+    /// TaskOOM for each `container_id`.
+    get_oom_event(GetOOMEventRequest) -> OOMEvent, "GetOOMEvent", none;
 }
 
 async fn open_after_drop(

@@ -7,6 +7,8 @@
 //!   `capsule.agent.v1.Agent` service generated from `protos/agent.proto`.
 //! - [`client`] (feature `rpc`): `AgentConn`, the host side of the
 //!   connection over QEMU's virtio-serial socket.
+#![forbid(unsafe_code)]
+
 pub mod wire;
 
 #[cfg(feature = "rpc")]

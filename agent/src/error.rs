@@ -5,10 +5,13 @@
 //! `ctr`/`crictl` output.
 use ttrpc::Code;
 
+use crate::container::seccomp::SeccompError;
 use crate::device::DeviceError;
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
+/// An agent error: what failed, the ttrpc code it maps to ([`Self::code`]),
+/// and, where a lower layer failed, that error as the typed `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// Unknown container, exec or device.
@@ -29,39 +32,118 @@ pub enum AgentError {
     /// Anything the caller could not have avoided.
     #[error("{0}")]
     Internal(String),
+    /// A system call failed (INTERNAL).
+    #[error("{what}: {}", .source.desc())]
+    Sys {
+        what: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// A file operation failed (NOT_FOUND for a missing file, else INTERNAL).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device module refused a device or gave up waiting for it.
+    #[error("{what}: {source}")]
+    Device {
+        what: String,
+        #[source]
+        source: DeviceError,
+    },
+    /// JSON from the host that does not parse (INVALID_ARGUMENT).
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A seccomp profile libseccomp cannot compile (INVALID_ARGUMENT).
+    #[error("{what}: {source}")]
+    Seccomp {
+        what: String,
+        #[source]
+        source: SeccompError,
+    },
+    /// Any other lower-layer failure (INTERNAL).
+    #[error("{what}: {source}")]
+    Other {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Context around another agent error; keeps its code.
+    #[error("{what}: {source}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<AgentError>,
+    },
 }
 
 impl AgentError {
     pub fn code(&self) -> Code {
         match self {
             Self::NotFound(_) => Code::NOT_FOUND,
-            Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            Self::InvalidArgument(_) | Self::Json { .. } | Self::Seccomp { .. } => {
+                Code::INVALID_ARGUMENT
+            }
             Self::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Self::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Self::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
-            Self::Internal(_) => Code::INTERNAL,
+            Self::Internal(_) | Self::Sys { .. } | Self::Other { .. } => Code::INTERNAL,
+            Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Code::NOT_FOUND
+            }
+            Self::Io { .. } => Code::INTERNAL,
+            Self::Device { source, .. } => device_code(source),
+            Self::Context { source, .. } => source.code(),
         }
     }
 
-    /// Prefixes the message with context, keeping the code.
+    /// Prefixes the message with context, keeping the code and the source.
     pub fn context(self, what: impl std::fmt::Display) -> Self {
-        let wrap = |m: String| format!("{what}: {m}");
-        match self {
-            Self::NotFound(m) => Self::NotFound(wrap(m)),
-            Self::InvalidArgument(m) => Self::InvalidArgument(wrap(m)),
-            Self::AlreadyExists(m) => Self::AlreadyExists(wrap(m)),
-            Self::FailedPrecondition(m) => Self::FailedPrecondition(wrap(m)),
-            Self::DeadlineExceeded(m) => Self::DeadlineExceeded(wrap(m)),
-            Self::Internal(m) => Self::Internal(wrap(m)),
+        Self::Context {
+            what: what.to_string(),
+            source: Box::new(self),
         }
     }
 
-    pub fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
-        Self::Internal(format!("{what}: {e}"))
+    /// A lower-layer failure the caller could not have avoided.
+    pub fn internal(
+        what: impl std::fmt::Display,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Other {
+            what: what.to_string(),
+            source: Box::new(e),
+        }
     }
 
     pub fn invalid(what: impl std::fmt::Display) -> Self {
         Self::InvalidArgument(what.to_string())
+    }
+
+    /// A device module error about `what` (usually the container).
+    pub fn device(what: impl std::fmt::Display, e: DeviceError) -> Self {
+        Self::Device {
+            what: what.to_string(),
+            source: e,
+        }
+    }
+}
+
+fn device_code(e: &DeviceError) -> Code {
+    if e.is_timeout() {
+        return Code::DEADLINE_EXCEEDED;
+    }
+    match e {
+        DeviceError::Duplicate { .. }
+        | DeviceError::SameNode { .. }
+        | DeviceError::Invalid { .. } => Code::INVALID_ARGUMENT,
+        _ => Code::INTERNAL,
     }
 }
 
@@ -71,38 +153,64 @@ impl From<AgentError> for ttrpc::Error {
     }
 }
 
-impl From<DeviceError> for AgentError {
-    fn from(e: DeviceError) -> Self {
-        let msg = e.to_string();
-        if e.is_timeout() {
-            return Self::DeadlineExceeded(msg);
-        }
-        match e {
-            DeviceError::Duplicate { .. }
-            | DeviceError::SameNode { .. }
-            | DeviceError::Invalid { .. } => Self::InvalidArgument(msg),
-            _ => Self::Internal(msg),
-        }
-    }
-}
-
 /// `io::Error` with the action and path that failed.
 pub fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> AgentError {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        AgentError::NotFound(format!("{what}: {e}"))
-    } else {
-        AgentError::Internal(format!("{what}: {e}"))
+    AgentError::Io {
+        what: what.to_string(),
+        source: e,
     }
 }
 
 /// `nix` errno with the action that failed.
 pub fn sys_err(what: impl std::fmt::Display, e: nix::errno::Errno) -> AgentError {
-    AgentError::Internal(format!("{what}: {}", e.desc()))
+    AgentError::Sys {
+        what: what.to_string(),
+        source: e,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_kept_with_their_codes() {
+        use std::error::Error as _;
+        let e = io_err(
+            "open /x",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+        .context("container \"c\"");
+        assert_eq!(e.code(), Code::NOT_FOUND);
+        let io = e
+            .source()
+            .and_then(|s| s.source())
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the io::Error is the source's source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        let e = sys_err("setns", nix::errno::Errno::EPERM);
+        assert_eq!(e.code(), Code::INTERNAL);
+        assert_eq!(
+            e.source()
+                .and_then(|s| s.downcast_ref::<nix::errno::Errno>()),
+            Some(&nix::errno::Errno::EPERM)
+        );
+        assert!(e.to_string().starts_with("setns: "), "{e}");
+        let d = AgentError::device(
+            "container \"c\"",
+            DeviceError::Timeout {
+                device: crate::device::DeviceRef::new("dev1", "blk-pci", "02/00"),
+                waited: std::time::Duration::from_secs(2),
+                last: "nothing".into(),
+            },
+        );
+        assert_eq!(d.code(), Code::DEADLINE_EXCEEDED);
+        assert!(d.source().is_some_and(|s| s.is::<DeviceError>()));
+        let j = serde_json::from_str::<u8>("x").unwrap_err();
+        let o = AgentError::internal("config", j);
+        assert_eq!(o.code(), Code::INTERNAL);
+        assert!(o.source().is_some_and(|s| s.is::<serde_json::Error>()));
+    }
 
     #[test]
     fn codes_and_context() {

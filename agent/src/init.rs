@@ -1,7 +1,6 @@
 //! PID 1 duties: filesystems, console, kernel modules, cgroups, loopback,
 //! and never exiting (PID 1 dying panics the kernel).
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -45,7 +44,9 @@ pub fn mount_base() {
         ),
     ];
     for (src, dst, fstype, flags, data) in table {
-        let _ = std::fs::create_dir_all(dst);
+        if let Err(e) = std::fs::create_dir_all(dst) {
+            console(&format!("capsule-agent: create {dst}: {e}"));
+        }
         let data = (!data.is_empty()).then_some(*data);
         match mount(Some(*src), *dst, Some(*fstype), *flags, data) {
             Ok(()) | Err(Errno::EBUSY) => {}
@@ -59,14 +60,30 @@ pub fn mount_base() {
 
 /// Points stdin at /dev/null and stdout/stderr at /dev/console (ttyS0).
 pub fn setup_console() {
-    if let Ok(null) = std::fs::File::open("/dev/null") {
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    }
-    if let Ok(con) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
-        unsafe {
-            libc::dup2(con.as_raw_fd(), 1);
-            libc::dup2(con.as_raw_fd(), 2);
+    // Logging is not up yet: problems go to the console directly.
+    match std::fs::File::open("/dev/null") {
+        Ok(null) => {
+            if let Err(e) = nix::unistd::dup2_stdin(&null) {
+                console(&format!(
+                    "capsule-agent: stdin from /dev/null: {}",
+                    e.desc()
+                ));
+            }
         }
+        Err(e) => console(&format!("capsule-agent: open /dev/null: {e}")),
+    }
+    match std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        Ok(con) => {
+            if let Err(e) =
+                nix::unistd::dup2_stdout(&con).and_then(|()| nix::unistd::dup2_stderr(&con))
+            {
+                console(&format!(
+                    "capsule-agent: stdout/stderr to /dev/console: {}",
+                    e.desc()
+                ));
+            }
+        }
+        Err(e) => console(&format!("capsule-agent: open /dev/console: {e}")),
     }
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
 }
@@ -142,12 +159,7 @@ pub fn load_modules() {
 fn finit_module(path: &Path) -> Result<(), Errno> {
     let f = std::fs::File::open(path)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    let params = CString::default();
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    Ok(())
+    nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty())
 }
 
 /// Enables cpu, memory, pids, io in the root cgroup and creates the parent of
@@ -165,23 +177,35 @@ pub fn setup_cgroups() {
 
 /// Brings `lo` up: containers share the VM's network namespace.
 pub fn loopback_up() {
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        tracing::warn!("loopback: no socket");
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = match socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "loopback: no socket; lo stays down");
+            return;
+        }
+    };
+    // SAFETY: an all-zero ifreq is valid (empty name, zero flags).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`,
+    // valid for the call, on an open socket.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "loopback: cannot read lo's flags; lo stays down");
         return;
     }
-    unsafe {
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
-        }
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) != 0 {
-                tracing::warn!("loopback: cannot bring lo up");
-            }
-        }
-        libc::close(fd);
+    // SAFETY: the union member SIOCGIFFLAGS filled in.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `req`, valid for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "loopback: cannot bring lo up");
     }
 }
 
@@ -298,7 +322,10 @@ fn count_disks() -> ! {
                     std::os::fd::AsFd::as_fd(fd),
                     nix::poll::PollFlags::POLLIN,
                 )];
-                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8));
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8)) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
                 while nix::sys::socket::recv(
                     fd.as_raw_fd(),
                     &mut buf,

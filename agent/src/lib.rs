@@ -14,11 +14,13 @@ pub mod device;
 pub mod error;
 pub mod init;
 pub mod network;
+pub mod oom;
 pub mod paths;
 pub mod process;
 pub mod reaper;
 pub mod sandbox;
 pub mod service;
+pub mod signals;
 pub mod spawn;
 pub mod stdio;
 pub mod storage;
@@ -101,7 +103,8 @@ pub async fn serve(opts: ServeOptions) -> Result<std::convert::Infallible, Strin
     let reaper = reaper::Reaper::start().map_err(|e| format!("SIGCHLD handler: {e}"))?;
     let watcher = device::DeviceWatcher::start(opts.sysfs.clone(), opts.dev.clone())
         .map_err(|e| e.to_string())?;
-    let sandbox = Arc::new(sandbox::Sandbox::new(reaper, watcher));
+    let oom = oom::OomWatcher::start().map_err(|e| e.to_string())?;
+    let sandbox = Arc::new(sandbox::Sandbox::new(reaper, watcher, oom));
     let mut servers = Vec::new();
     if let Some(addr) = &opts.listen {
         let service = Arc::new(service::AgentService::new(sandbox, vec![]));

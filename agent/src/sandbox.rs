@@ -10,9 +10,11 @@ use std::time::Duration;
 use capsule_agent_protocol::agent::{CreateContainerRequest, Device, Storage};
 use protobuf::Message;
 
+use crate::container::namespaces::{self, NamespacePlan, NsKind};
 use crate::container::{self, cgroup::Cgroup, spec, Container, Prepared, Spawn};
 use crate::device::{self, DeviceWatcher};
 use crate::error::{AgentError, Result};
+use crate::oom::OomWatcher;
 use crate::paths::{secure_join, valid_id};
 use crate::reaper::Reaper;
 
@@ -38,6 +40,8 @@ enum Slot {
 pub struct Sandbox {
     pub reaper: Arc<Reaper>,
     pub devices: Arc<DeviceWatcher>,
+    /// OOM kills of the containers (GetOOMEvent).
+    pub oom: Arc<OomWatcher>,
     containers: Mutex<HashMap<String, Slot>>,
     storages: tokio::sync::Mutex<Vec<PathBuf>>,
 }
@@ -47,10 +51,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sandbox {
-    pub fn new(reaper: Arc<Reaper>, devices: Arc<DeviceWatcher>) -> Self {
+    pub fn new(reaper: Arc<Reaper>, devices: Arc<DeviceWatcher>, oom: Arc<OomWatcher>) -> Self {
         Self {
             reaper,
             devices,
+            oom,
             containers: Mutex::new(HashMap::new()),
             storages: tokio::sync::Mutex::new(Vec::new()),
         }
@@ -64,6 +69,11 @@ impl Sandbox {
             ))),
             None => Err(AgentError::NotFound(format!("container {cid:?} not found"))),
         }
+    }
+
+    /// True when `cid` is a created container of this sandbox.
+    fn is_ready(&self, cid: &str) -> bool {
+        matches!(lock(&self.containers).get(cid), Some(Slot::Ready(_)))
     }
 
     pub async fn create_sandbox(&self, hostname: &str, storages: &[Storage]) -> Result<()> {
@@ -141,16 +151,25 @@ impl Sandbox {
             .ok_or_else(|| AgentError::invalid(format!("{what}: spec has no process")))?;
         spec::check_process(&what, &process)?;
         spec::cap_sets(&what, &process)?;
-        let (namespaces, warnings) = spec::clone_flags(cid, &oci)?;
-        for w in warnings {
+        let ns = namespaces::plan(cid, &oci)?;
+        for w in &ns.warnings {
             tracing::warn!(cid, "{w}");
+        }
+        namespaces::check_sysctls(cid, &oci, &ns)?;
+        if let Some(profile) = oci.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            let f = container::seccomp::compile(profile).map_err(|e| AgentError::Seccomp {
+                what: what.clone(),
+                source: e,
+            })?;
+            if !f.skipped.is_empty() {
+                tracing::debug!(cid, skipped = ?f.skipped, "seccomp: syscalls this architecture does not have");
+            }
         }
         spec::mount_plan(cid, oci.mounts().as_deref().unwrap_or(&[]))?;
         let prepared = device::prepare(&self.devices, &req.devices, device_timeout(&req))
             .await
-            .map_err(|e| AgentError::from(e).context(&what))?;
-        device::rewrite_spec(&mut oci, &prepared)
-            .map_err(|e| AgentError::from(e).context(&what))?;
+            .map_err(|e| AgentError::device(&what, e))?;
+        device::rewrite_spec(&mut oci, &prepared).map_err(|e| AgentError::device(&what, e))?;
         let devices = prepared
             .iter()
             .map(|p| {
@@ -176,13 +195,7 @@ impl Sandbox {
             .await
             .map_err(|e| e.context(&what))?;
         let r = self
-            .spawn_container(
-                &req,
-                oci,
-                namespaces,
-                (devices, device_nodes),
-                storages.clone(),
-            )
+            .spawn_container(&req, oci, &ns, (devices, device_nodes), storages.clone())
             .await;
         if r.is_err() {
             for s in storages.iter().rev() {
@@ -196,11 +209,14 @@ impl Sandbox {
         &self,
         req: &CreateContainerRequest,
         oci: oci_spec::runtime::Spec,
-        namespaces: u64,
+        ns: &NamespacePlan,
         (devices, device_nodes): (Vec<container::child::DeviceWire>, Vec<(PathBuf, String)>),
         storages: Vec<PathBuf>,
     ) -> Result<Container> {
         let cid = req.container_id.as_str();
+        // Opened now, after the slow parts (devices, storages): the process
+        // named by a path must still be alive when the init joins it.
+        let joins = namespaces::open_joins(cid, &ns.join, &|other| self.is_ready(other))?;
         let mut mounts: Vec<PathBuf> = self.storages.lock().await.clone();
         mounts.extend(storages.iter().cloned());
         let rootfs = spec::resolve_rootfs(cid, &req.rootfs, &mounts)?;
@@ -211,6 +227,9 @@ impl Sandbox {
             )));
         }
         let cgroup = Cgroup::create(cid)?;
+        if let Err(e) = self.oom.add(cid, &cgroup.dir) {
+            tracing::warn!(cid, error = %e, "no OOM events for this container");
+        }
         let resources = oci.linux().as_ref().and_then(|l| l.resources().clone());
         let r = async {
             if let Some(r) = &resources {
@@ -220,7 +239,9 @@ impl Sandbox {
                 id: cid.to_string(),
                 spec: oci,
                 rootfs,
-                namespaces,
+                namespaces: ns.new,
+                joins,
+                set_hostname: ns.has(NsKind::Uts),
                 devices,
                 device_nodes,
                 stdin: req.stdin,
@@ -237,6 +258,7 @@ impl Sandbox {
         }
         .await;
         if r.is_err() {
+            self.oom.remove(cid);
             let _ = cgroup.remove(cid).await;
         }
         r
@@ -244,7 +266,7 @@ impl Sandbox {
 
     pub async fn remove_container(&self, cid: &str, timeout: Duration) -> Result<()> {
         let c = self.container(cid)?;
-        c.destroy(timeout).await?;
+        c.destroy(timeout, &self.oom).await?;
         lock(&self.containers).remove(cid);
         Ok(())
     }
@@ -281,9 +303,8 @@ impl Sandbox {
             check_no_symlinks(&what, &root, &rel)?;
             let prepared = device::prepare(&self.devices, std::slice::from_ref(&d), DEVICE_TIMEOUT)
                 .await
-                .map_err(|e| AgentError::from(e).context(&what))?;
-            device::create_nodes(&root, &prepared)
-                .map_err(|e| AgentError::from(e).context(&what))?;
+                .map_err(|e| AgentError::device(&what, e))?;
+            device::create_nodes(&root, &prepared).map_err(|e| AgentError::device(&what, e))?;
             let p = prepared
                 .first()
                 .ok_or_else(|| AgentError::Internal(format!("{what}: nothing prepared")))?;

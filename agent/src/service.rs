@@ -77,6 +77,9 @@ impl AgentService {
             "devices",
             "exec",
             "network",
+            "pod-namespaces",
+            "seccomp",
+            "oom-events",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -130,7 +133,12 @@ impl AgentService {
             return c.signal_all(sig);
         }
         let p = c.process(&req.exec_id)?;
-        p.signal(sig).map_err(|e| {
+        let r = if req.exec_id.is_empty() {
+            c.signal_init(sig)
+        } else {
+            p.signal(sig)
+        };
+        r.map_err(|e| {
             if e.raw_os_error() == Some(libc::ESRCH) {
                 AgentError::NotFound(format!(
                     "{}: process already exited",
@@ -246,12 +254,14 @@ impl Agent for AgentService {
     ) -> TtResult<Empty> {
         let r = (|| {
             let c = self.sandbox.container(&req.container_id)?;
-            let res: LinuxResources = serde_json::from_slice(&req.resources).map_err(|e| {
-                AgentError::invalid(format!(
-                    "container {:?}: resources are not valid OCI LinuxResources: {e}",
-                    req.container_id
-                ))
-            })?;
+            let res: LinuxResources =
+                serde_json::from_slice(&req.resources).map_err(|e| AgentError::Json {
+                    what: format!(
+                        "container {:?}: resources are not valid OCI LinuxResources",
+                        req.container_id
+                    ),
+                    source: e,
+                })?;
             c.cgroup.apply(&req.container_id, &res)
         })();
         done("UpdateContainer", r.map(|_| Empty::new()))
@@ -444,6 +454,15 @@ impl Agent for AgentService {
         );
         let r = self.network.setup(&req).await;
         done("SetupNetwork", r.map(|_| Empty::new()))
+    }
+
+    async fn get_oom_event(&self, _: &TtrpcContext, req: GetOOMEventRequest) -> TtResult<OOMEvent> {
+        let e = self.sandbox.oom.next_after(req.after).await;
+        tracing::debug!(cid = %e.container_id, seq = e.seq, "GetOOMEvent");
+        let mut r = OOMEvent::new();
+        r.container_id = e.container_id;
+        r.seq = e.seq;
+        Ok(r)
     }
 
     async fn remove_device(&self, _: &TtrpcContext, req: RemoveDeviceRequest) -> TtResult<Empty> {

@@ -90,7 +90,7 @@ pub async fn mount_storage(watcher: &DeviceWatcher, s: &Storage) -> Result<PathB
             d.read_only = opts.flags.contains(MsFlags::MS_RDONLY);
             let prepared = device::prepare(watcher, &[d], DEVICE_TIMEOUT)
                 .await
-                .map_err(|e| AgentError::from(e).context(&what))?;
+                .map_err(|e| AgentError::device(&what, e))?;
             let node = prepared
                 .first()
                 .map(|p| p.guest_node.clone())
@@ -102,7 +102,13 @@ pub async fn mount_storage(watcher: &DeviceWatcher, s: &Storage) -> Result<PathB
     };
     r.map_err(|e| crate::error::sys_err(format!("{what}: mount"), e))?;
     for p in &opts.propagation {
-        let _ = mount(None::<&str>, &mp, None::<&str>, *p, None::<&str>);
+        if let Err(e) = mount(None::<&str>, &mp, None::<&str>, *p, None::<&str>) {
+            unmount(&mp);
+            return Err(crate::error::sys_err(
+                format!("{what}: mount propagation"),
+                e,
+            ));
+        }
     }
     tracing::info!(storage = %s.source, mount_point = %s.mount_point, "storage mounted");
     Ok(mp)
@@ -128,9 +134,11 @@ pub async fn mount_all(watcher: &DeviceWatcher, storages: &[Storage]) -> Result<
 /// Lazily unmounts (busy mounts go when their last user does).
 pub fn unmount(p: &Path) {
     match umount2(p, MntFlags::MNT_DETACH) {
-        Ok(()) => {
-            let _ = std::fs::remove_dir(p);
-        }
+        Ok(()) => match std::fs::remove_dir(p) {
+            Ok(()) => {}
+            // Not ours to remove (a pre-existing directory with content).
+            Err(e) => tracing::debug!(mount_point = %p.display(), error = %e, "mount point kept"),
+        },
         Err(e) => tracing::warn!(mount_point = %p.display(), error = %e, "unmount failed"),
     }
 }

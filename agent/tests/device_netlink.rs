@@ -35,6 +35,7 @@ fn require_loop_devices() {
 fn loop_ctl(req: libc::c_ulong, index: u32) -> std::io::Result<()> {
     let ctl = fs::File::open("/dev/loop-control")?;
     // SAFETY: LOOP_CTL_ADD/REMOVE take the index by value.
+    // SAFETY: the loop-control ioctls take an integer argument, no pointer.
     let r = unsafe { libc::ioctl(ctl.as_raw_fd(), req as _, index as libc::c_ulong) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());

@@ -111,7 +111,8 @@ async fn setup(hide_disconnects: bool) -> (tempfile::TempDir, PathBuf, Arc<Share
         dir.path().join("dev"),
         WatcherConfig::default(),
     );
-    let sandbox = Arc::new(capsule_agent::sandbox::Sandbox::new(reaper, watcher));
+    let oom = capsule_agent::oom::OomWatcher::start().unwrap();
+    let sandbox = Arc::new(capsule_agent::sandbox::Sandbox::new(reaper, watcher, oom));
     let service = Arc::new(capsule_agent::service::AgentService::new(sandbox, vec![]));
     let mut server = ttrpc::r#async::Server::new()
         .add_listener(listen(FakePort(shared.clone())))

@@ -271,8 +271,11 @@ impl Cgroup {
             return;
         }
         for pid in self.procs() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+            {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => tracing::warn!(pid, error = %e, "SIGKILL of a container process failed"),
+            }
         }
     }
 

@@ -27,7 +27,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use nix::sched::{setns, CloneFlags};
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use super::spec::{cap_sets, exec_candidates, rlimits, CapSets};
@@ -55,8 +55,12 @@ pub struct InitConfig {
     pub rootfs: PathBuf,
     pub devices: Vec<DeviceWire>,
     pub terminal: bool,
-    /// The container has its own UTS namespace (so the hostname may be set).
-    pub new_uts: bool,
+    /// The container has a UTS namespace, its own or the pod's (so the
+    /// hostname is set, like runc does).
+    pub set_hostname: bool,
+    /// Privileged: the container's /dev gets every device node of the
+    /// guest (see [`super::privileged`]).
+    pub guest_devices: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +71,9 @@ pub struct ExecConfig {
     pub init_pid: i32,
     pub process: Process,
     pub terminal: bool,
+    /// The container's `linux.seccomp`: execs get the container's filter,
+    /// as with runc.
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 impl From<String> for Status {
@@ -100,28 +107,59 @@ fn run_main(f: fn() -> Result<Infallible, Status>) -> ! {
         Err(e) => e,
     };
     report(&err);
-    unsafe { libc::_exit(1) }
+    exit_now(1)
+}
+
+/// `_exit`: no atexit handlers or stdio flushing in the container child.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit ends the process at once; it touches no memory of ours.
+    unsafe { libc::_exit(code) }
 }
 
 pub fn report(s: &Status) {
-    // fd 5 stays open until exec; a write failure has nowhere to go.
+    // SAFETY: fd 5 is the status pipe the agent gave this process; it stays
+    // open until execve closes it (CLOEXEC), and ManuallyDrop keeps this
+    // temporary File from closing it.
     let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(FD_STATUS) });
     if let Ok(mut line) = serde_json::to_vec(s) {
         line.push(b'\n');
+        // A write failure has nowhere to go: the agent then sees EOF
+        // without a status and reports the exit.
         let _ = f.write_all(&line);
     }
 }
 
+/// Marks the agent's fds close-on-exec and closes everything above them.
+/// The start pipe (init only) and the console socket (terminal processes
+/// only) may be absent.
 fn setup_fds() -> Result<(), String> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     for fd in [FD_CONFIG, FD_START, FD_STATUS, FD_CONSOLE] {
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: only used for this fcntl call, while fd `fd` is open (or
+        // the call fails with EBADF).
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        match fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EBADF) if fd == FD_START || fd == FD_CONSOLE => {}
+            Err(e) => return Err(format!("mark fd {fd} close-on-exec: {}", e.desc())),
+        }
     }
     // Nothing else of the agent may leak into the container.
-    unsafe { libc::syscall(libc::SYS_close_range, FD_CONSOLE as u32 + 1, u32::MAX, 0) };
+    // SAFETY: close_range takes two fd numbers and flags, no pointers; no fd
+    // above FD_CONSOLE is owned by anything in this fresh process.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, FD_CONSOLE as u32 + 1, u32::MAX, 0) };
+    if r < 0 {
+        return Err(format!(
+            "close the agent's other fds: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     Ok(())
 }
 
 fn read_config<T: for<'de> Deserialize<'de>>() -> Result<T, String> {
+    // SAFETY: fd 3 is the config memfd the agent gave this process, taken
+    // over exactly once, here.
     let mut f = unsafe { File::from_raw_fd(FD_CONFIG) };
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)
@@ -139,12 +177,14 @@ fn init_container() -> Result<Infallible, Status> {
         super::rootfs::bind_console(&slave).map_err(|e| format!("{what}: {e}"))?;
     }
     report(&Status::Ready);
+    // SAFETY: fd 4 is the start pipe the agent gave the init, taken over
+    // exactly once, here.
     let mut start = unsafe { File::from_raw_fd(FD_START) };
     let mut b = [0u8; 1];
     match start.read(&mut b) {
         Ok(1) => {}
         // The agent dropped the start pipe: creation was aborted.
-        _ => unsafe { libc::_exit(0) },
+        _ => exit_now(0),
     }
     drop(start);
     let process = cfg
@@ -152,7 +192,8 @@ fn init_container() -> Result<Infallible, Status> {
         .process()
         .clone()
         .ok_or_else(|| format!("{what}: spec has no process"))?;
-    become_process(&what, &process, cfg.terminal)
+    let seccomp = cfg.spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+    become_process(&what, &process, cfg.terminal, seccomp.as_ref())
 }
 
 fn exec_enter() -> Result<Infallible, Status> {
@@ -186,7 +227,7 @@ fn exec_enter() -> Result<Infallible, Status> {
     if cfg.terminal {
         open_terminal(&what)?;
     }
-    become_process(&what, &cfg.process, cfg.terminal)
+    become_process(&what, &cfg.process, cfg.terminal, cfg.seccomp.as_ref())
 }
 
 /// Allocates a pty from the container's devpts, makes the slave our stdio,
@@ -222,6 +263,8 @@ fn open_terminal(what: &str) -> Result<PathBuf, String> {
         )
     })?;
     for fd in 0..3 {
+        // SAFETY: dup2 onto 0-2, which this process owns as its stdio; the
+        // source fd is open (borrowed from `slave`).
         if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
             return Err(format!(
                 "{what}: terminal: dup2: {}",
@@ -229,14 +272,27 @@ fn open_terminal(what: &str) -> Result<PathBuf, String> {
             ));
         }
     }
-    unsafe { libc::close(FD_CONSOLE) };
+    // SAFETY: fd 6 is the console socket the agent gave this process, taken
+    // over exactly once, here, and closed by the drop.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(FD_CONSOLE) });
     Ok(PathBuf::from(name))
 }
 
 /// Applies the OCI process settings and execs it. Returns only on error.
-pub fn become_process(what: &str, p: &Process, terminal: bool) -> Result<Infallible, Status> {
-    reset_signals();
+/// The order follows runc: seccomp before the capabilities are dropped when
+/// no_new_privs is off (loading a filter then needs CAP_SYS_ADMIN), else
+/// after no_new_privs, right before execve, so the profile sees as few of
+/// the runtime's own syscalls as possible.
+pub fn become_process(
+    what: &str,
+    p: &Process,
+    terminal: bool,
+    seccomp: Option<&LinuxSeccomp>,
+) -> Result<Infallible, Status> {
+    crate::signals::reset_for_exec().map_err(|e| format!("{what}: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("{what}: setsid: {}", e.desc()))?;
+    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal) and no
+    // pointer; fd 0 is this process's terminal.
     if terminal && unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
         return Err(format!(
             "{what}: set controlling terminal: {}",
@@ -249,6 +305,7 @@ pub fn become_process(what: &str, p: &Process, terminal: bool) -> Result<Infalli
             rlim_cur: soft,
             rlim_max: hard,
         };
+        // SAFETY: `lim` is a valid rlimit that setrlimit only reads.
         if unsafe { libc::setrlimit(res as _, &lim) } < 0 {
             return Err(format!(
                 "{what}: setrlimit {res}: {}",
@@ -262,8 +319,19 @@ pub fn become_process(what: &str, p: &Process, terminal: bool) -> Result<Infalli
             .map_err(|e| format!("{what}: oom_score_adj {adj}: {e}"))?;
     }
     let caps = cap_sets(what, p).map_err(|e| e.to_string())?;
+    let filter = seccomp
+        .map(super::seccomp::compile)
+        .transpose()
+        .map_err(|e| format!("{what}: {e}"))?;
+    // Everything execve needs is allocated before the filter is loaded.
+    let plan = ExecPlan::new(what, p).map_err(Status::BadProcess)?;
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    let load = |f: &super::seccomp::Filter| f.load().map_err(|e| format!("{what}: {e}"));
+    if let (Some(f), false) = (&filter, nnp) {
+        load(f)?;
+    }
     set_ids_and_caps(what, p, caps)?;
-    if p.no_new_privileges().unwrap_or(false) {
+    if nnp {
         nix::sys::prctl::set_no_new_privs()
             .map_err(|e| format!("{what}: no_new_privs: {}", e.desc()))?;
     }
@@ -271,20 +339,10 @@ pub fn become_process(what: &str, p: &Process, terminal: bool) -> Result<Infalli
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask));
     std::env::set_current_dir(p.cwd())
         .map_err(|e| Status::BadProcess(format!("{what}: cwd {}: {e}", p.cwd().display())))?;
-    exec(what, p).map_err(Status::BadProcess)
-}
-
-fn reset_signals() {
-    unsafe {
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    if let (Some(f), true) = (&filter, nnp) {
+        load(f)?;
     }
+    plan.exec(what).map_err(Status::BadProcess)
 }
 
 #[repr(C)]
@@ -301,42 +359,49 @@ struct CapData {
     inheritable: u32,
 }
 
+/// `prctl(option, arg)` with the other arguments 0.
+fn prctl(option: libc::c_int, arg: libc::c_ulong, arg2: libc::c_ulong) -> std::io::Result<()> {
+    // SAFETY: the options used here (KEEPCAPS, CAPBSET_DROP, CAP_AMBIENT)
+    // take integers only, no pointers.
+    let r = unsafe { libc::prctl(option, arg, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn set_ids_and_caps(what: &str, p: &Process, caps: Option<CapSets>) -> Result<(), String> {
+    use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
     let u = p.user();
-    let sys = |call: &str, r: libc::c_int| {
-        if r < 0 {
-            Err(format!(
-                "{what}: {call}: {}",
-                std::io::Error::last_os_error()
-            ))
-        } else {
-            Ok(())
-        }
-    };
+    let err = |call: &str, e: &dyn std::fmt::Display| format!("{what}: {call}: {e}");
     if let Some(c) = caps {
-        sys("keep capabilities", unsafe {
-            libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0)
-        })?;
+        prctl(libc::PR_SET_KEEPCAPS, 1, 0).map_err(|e| err("keep capabilities", &e))?;
         for cap in 0..64u64 {
             if c.bounding & (1 << cap) == 0 {
-                let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-                if r < 0 {
-                    // EINVAL: beyond the kernel's last capability.
-                    break;
+                match prctl(libc::PR_CAPBSET_DROP, cap, 0) {
+                    Ok(()) => {}
+                    // Beyond the kernel's last capability: nothing left.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(e) => {
+                        return Err(err(
+                            &format!("drop capability {cap} from the bounding set"),
+                            &e,
+                        ))
+                    }
                 }
             }
         }
     }
-    let groups: Vec<libc::gid_t> = u.additional_gids().clone().unwrap_or_default();
-    sys("setgroups", unsafe {
-        libc::setgroups(groups.len(), groups.as_ptr())
-    })?;
-    sys("setresgid", unsafe {
-        libc::setresgid(u.gid(), u.gid(), u.gid())
-    })?;
-    sys("setresuid", unsafe {
-        libc::setresuid(u.uid(), u.uid(), u.uid())
-    })?;
+    let groups: Vec<Gid> = u
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    setgroups(&groups).map_err(|e| err("setgroups", &e.desc()))?;
+    let (gid, uid) = (Gid::from_raw(u.gid()), Uid::from_raw(u.uid()));
+    setresgid(gid, gid, gid).map_err(|e| err("setresgid", &e.desc()))?;
+    setresuid(uid, uid, uid).map_err(|e| err("setresuid", &e.desc()))?;
     if let Some(c) = caps {
         let mut hdr = CapHeader {
             version: 0x2008_0522,
@@ -356,66 +421,90 @@ fn set_ids_and_caps(what: &str, p: &Process, caps: Option<CapSets>) -> Result<()
                 inheritable: hi(c.inheritable),
             },
         ];
+        // SAFETY: capset with _LINUX_CAPABILITY_VERSION_3 reads one header
+        // and two data structs, which `hdr` and `data` are for the call.
         let r =
             unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) };
-        sys("capset", r as libc::c_int)?;
+        if r < 0 {
+            return Err(err("capset", &std::io::Error::last_os_error()));
+        }
         for cap in 0..64u64 {
             if c.ambient & (1 << cap) != 0 {
-                let r = unsafe {
-                    libc::prctl(
-                        libc::PR_CAP_AMBIENT,
-                        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
-                        cap,
-                        0,
-                        0,
-                    )
-                };
-                sys(&format!("raise ambient capability {cap}"), r)?;
+                prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap,
+                )
+                .map_err(|e| err(&format!("raise ambient capability {cap}"), &e))?;
             }
         }
-        sys("drop keep capabilities", unsafe {
-            libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0)
-        })?;
+        prctl(libc::PR_SET_KEEPCAPS, 0, 0).map_err(|e| err("drop keep capabilities", &e))?;
     }
     Ok(())
 }
 
-fn exec(what: &str, p: &Process) -> Result<Infallible, String> {
-    let args = p.args().clone().unwrap_or_default();
-    let env = p.env().clone().unwrap_or_default();
-    let argv = crate::spawn::cstrings(what, &args)?;
-    let envp = crate::spawn::cstrings(what, &env)?;
-    let arg0 = args
-        .first()
-        .ok_or_else(|| format!("{what}: process.args is empty"))?;
-    let mut last = None;
-    for cand in exec_candidates(arg0, &env) {
-        let Ok(path) = CString::new(cand.as_os_str().as_encoded_bytes()) else {
-            continue;
-        };
-        match nix::unistd::execve(&path, &argv, &envp) {
-            Ok(never) => match never {},
-            Err(e) => {
-                // Keep looking in PATH after "not there"; anything else is final.
-                let keep_looking =
-                    matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR);
-                last = Some((cand, e));
-                if !keep_looking {
-                    break;
+/// argv, envp and the candidate paths of the process (the PATH lookup), as
+/// C strings: after the seccomp filter is loaded only execve runs.
+struct ExecPlan {
+    arg0: String,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    candidates: Vec<(PathBuf, CString)>,
+}
+
+impl ExecPlan {
+    fn new(what: &str, p: &Process) -> Result<Self, String> {
+        let args = p.args().clone().unwrap_or_default();
+        let env = p.env().clone().unwrap_or_default();
+        let argv = crate::spawn::cstrings(what, &args)?;
+        let envp = crate::spawn::cstrings(what, &env)?;
+        let arg0 = args
+            .first()
+            .ok_or_else(|| format!("{what}: process.args is empty"))?
+            .clone();
+        let candidates = exec_candidates(&arg0, &env)
+            .into_iter()
+            .filter_map(|c| {
+                let cs = CString::new(c.as_os_str().as_encoded_bytes()).ok()?;
+                Some((c, cs))
+            })
+            .collect();
+        Ok(Self {
+            arg0,
+            argv,
+            envp,
+            candidates,
+        })
+    }
+
+    fn exec(&self, what: &str) -> Result<Infallible, String> {
+        let mut last = None;
+        for (cand, path) in &self.candidates {
+            match nix::unistd::execve(path, &self.argv, &self.envp) {
+                Ok(never) => match never {},
+                Err(e) => {
+                    // Keep looking in PATH after "not there"; anything else is final.
+                    let keep_looking =
+                        matches!(e, nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR);
+                    last = Some((cand, e));
+                    if !keep_looking {
+                        break;
+                    }
                 }
             }
         }
+        let arg0 = &self.arg0;
+        Err(match last {
+            Some((path, nix::errno::Errno::ENOENT)) if !arg0.contains('/') => {
+                format!(
+                    "{what}: exec {arg0:?}: executable file not found in $PATH (last tried {})",
+                    path.display()
+                )
+            }
+            Some((path, e)) => format!("{what}: exec {}: {}", path.display(), e.desc()),
+            None => format!("{what}: exec {arg0:?}: no candidate path"),
+        })
     }
-    Err(match last {
-        Some((path, nix::errno::Errno::ENOENT)) if !arg0.contains('/') => {
-            format!(
-                "{what}: exec {arg0:?}: executable file not found in $PATH (last tried {})",
-                path.display()
-            )
-        }
-        Some((path, e)) => format!("{what}: exec {}: {}", path.display(), e.desc()),
-        None => format!("{what}: exec {arg0:?}: no candidate path"),
-    })
 }
 
 /// Used by the agent: reads status lines until "ready", an error or EOF.

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -11,9 +12,39 @@ use tokio::net::unix::pipe;
 
 use super::cgroup::Cgroup;
 use super::child::{self, Status};
+use super::namespaces::OpenedNs;
 use super::SETUP_TIMEOUT;
 use crate::error::{io_err, AgentError, Result};
+use crate::reaper::{ExitRx, Reaper};
+use crate::spawn::Spawned;
 use crate::stdio::{ChildStdio, Stdio};
+
+/// Runs `spawn` on a thread of its own with the namespaces to join:
+/// `setns` changes the calling thread (for pid: the namespace of its future
+/// children), so it must never run on a runtime thread. The thread ends
+/// with the spawn, taking the joined namespaces with it.
+pub(super) async fn spawn_on_thread<F>(
+    reaper: &Arc<Reaper>,
+    what: &str,
+    joins: Vec<OpenedNs>,
+    spawn: F,
+) -> Result<(Spawned, ExitRx)>
+where
+    F: FnOnce(&Reaper, Vec<OpenedNs>) -> Result<(Spawned, ExitRx)> + Send + 'static,
+{
+    let reaper = reaper.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ns-spawn".into())
+        .spawn(move || {
+            // The receiver only goes away when the request was dropped; the
+            // child (if any) is then still reaped by the reaper.
+            let _ = tx.send(spawn(&reaper, joins));
+        })
+        .map_err(|e| io_err(format!("{what}: spawn thread"), e))?;
+    rx.await
+        .map_err(|_| AgentError::Internal(format!("{what}: spawn thread died")))?
+}
 
 /// A sealed-enough memfd holding `data`, read by the child as fd 3.
 pub(super) fn config_fd(what: &str, data: &[u8]) -> Result<OwnedFd> {

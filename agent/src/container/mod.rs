@@ -4,7 +4,10 @@
 pub mod cgroup;
 pub mod child;
 mod launch;
+pub mod namespaces;
+pub mod privileged;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -73,12 +76,28 @@ pub struct Prepared {
     pub id: String,
     pub spec: Spec,
     pub rootfs: PathBuf,
+    /// `CLONE_NEW*` flags of the namespaces to create.
     pub namespaces: u64,
+    /// Namespaces to join (the pod's), opened and checked.
+    pub joins: Vec<namespaces::OpenedNs>,
+    /// The container has a uts namespace (its own or the pod's), so its
+    /// hostname is set.
+    pub set_hostname: bool,
     pub devices: Vec<child::DeviceWire>,
     /// [`Container::device_nodes`] of the `devices`.
     pub device_nodes: Vec<(PathBuf, String)>,
     pub stdin: bool,
     pub storages: Vec<PathBuf>,
+}
+
+/// The result of a cleanup SIGKILL: a process already gone is fine, any
+/// other failure is logged (the cleanup goes on).
+fn cleanup_kill(what: &str, r: std::io::Result<()>) {
+    match r {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(e) => tracing::warn!(error = %e, "{what}: SIGKILL during cleanup failed"),
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,28 +124,37 @@ impl Container {
             rootfs: p.rootfs.clone(),
             devices: p.devices,
             terminal,
-            new_uts: p.namespaces & libc::CLONE_NEWUTS as u64 != 0,
+            set_hostname: p.set_hostname,
+            guest_devices: privileged::is_privileged(&p.spec),
         };
         let json = serde_json::to_vec(&cfg).map_err(|e| AgentError::internal(&what, e))?;
         let config = config_fd(&what, &json)?;
         let (start_r, start_w) = pipe_pair(&what)?;
         let (status_r, status_w) = pipe_pair(&what)?;
         let cg = cgroup_fd(&what, &cgroup)?;
-        let spec = SpawnSpec {
-            program: self_exe(),
-            argv: crate::spawn::cstrings(&what, &["capsule-init", "init-container"])
-                .map_err(AgentError::Internal)?,
-            envp: Vec::new(),
-            fds: child_fds(&child_io, &config, Some(&start_r), &status_w),
-            namespaces: p.namespaces,
-            cgroup: Some(cg.as_fd()),
-        };
-        let (spawned, exit) = sp
-            .reaper
-            .spawn(&spec)
-            .map_err(|e| io_err(format!("{what}: spawn init"), e))?;
-        drop(spec);
-        drop((child_io, config, start_r, status_w, cg));
+        let argv = crate::spawn::cstrings(&what, &["capsule-init", "init-container"])
+            .map_err(AgentError::Internal)?;
+        let new = p.namespaces;
+        let cid = p.id.clone();
+        let (spawned, exit) =
+            launch::spawn_on_thread(sp.reaper, &what, p.joins, move |reaper, joins| {
+                // The pod's namespaces first (setns on this thread: pid sets the
+                // namespace of the init, the others are inherited by it), then
+                // the new ones in the clone.
+                namespaces::join_on_this_thread(&cid, &joins)?;
+                let spec = SpawnSpec {
+                    program: self_exe(),
+                    argv,
+                    envp: Vec::new(),
+                    fds: child_fds(&child_io, &config, Some(&start_r), &status_w),
+                    namespaces: new,
+                    cgroup: Some(cg.as_fd()),
+                };
+                reaper
+                    .spawn(&spec)
+                    .map_err(|e| io_err(format!("container {cid:?}: spawn init"), e))
+            })
+            .await?;
         let status = pipe::Receiver::from_owned_fd(status_r)
             .map_err(|e| io_err(format!("{what}: status pipe"), e))?;
         let mut status = BufReader::new(status);
@@ -134,7 +162,10 @@ impl Container {
         let stdio = match io.finish(&what, p.stdin, size, &mut status).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL);
+                cleanup_kill(
+                    &what,
+                    crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL),
+                );
                 crate::reaper::wait_exit(&mut exit).await;
                 return Err(e);
             }
@@ -150,7 +181,7 @@ impl Container {
         match ready {
             Ok(Some(Status::Ready)) => {}
             other => {
-                let _ = init.signal(libc::SIGKILL);
+                cleanup_kill(&what, init.signal(libc::SIGKILL));
                 let exit = init.wait().await;
                 return Err(match other {
                     Err(e) => e,
@@ -305,6 +336,7 @@ impl Container {
             init_pid: self.init.pid,
             process,
             terminal,
+            seccomp: self.spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
         };
         let json = serde_json::to_vec(&cfg).map_err(|e| AgentError::internal(what, e))?;
         let config = config_fd(what, &json)?;
@@ -312,46 +344,42 @@ impl Container {
         let cg = cgroup_fd(what, &self.cgroup)?;
         let pidns = File::open(format!("/proc/{}/ns/pid", self.init.pid))
             .map_err(|e| io_err(format!("{what}: open the container's pid namespace"), e))?;
-        let reaper = sp.reaper.clone();
         let argv = crate::spawn::cstrings(what, &["capsule-exec", "exec-enter"])
             .map_err(AgentError::Internal)?;
+        let cid = self.id.clone();
         let w = what.to_string();
-        // setns(CLONE_NEWPID) changes the calling thread's namespace for its
-        // future children: do it on a throwaway thread, never a runtime one.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("exec-spawn".into())
-            .spawn(move || {
-                let r = (|| {
-                    nix::sched::setns(&pidns, nix::sched::CloneFlags::CLONE_NEWPID).map_err(
-                        |e| crate::error::sys_err(format!("{w}: join pid namespace"), e),
-                    )?;
-                    let spec = SpawnSpec {
-                        program: self_exe(),
-                        argv,
-                        envp: Vec::new(),
-                        fds: child_fds(&io_child, &config, None, &status_w),
-                        namespaces: 0,
-                        cgroup: Some(cg.as_fd()),
-                    };
-                    reaper
-                        .spawn(&spec)
-                        .map_err(|e| io_err(format!("{w}: spawn"), e))
-                })();
-                drop((io_child, config, status_w, cg));
-                let _ = tx.send(r);
+        let joins = vec![namespaces::OpenedNs {
+            kind: namespaces::NsKind::Pid,
+            file: pidns,
+        }];
+        // The other namespaces and the root are joined by the process
+        // itself (exec-enter), single-threaded.
+        let (spawned, exit) =
+            launch::spawn_on_thread(sp.reaper, what, joins, move |reaper, joins| {
+                namespaces::join_on_this_thread(&cid, &joins)?;
+                let spec = SpawnSpec {
+                    program: self_exe(),
+                    argv,
+                    envp: Vec::new(),
+                    fds: child_fds(&io_child, &config, None, &status_w),
+                    namespaces: 0,
+                    cgroup: Some(cg.as_fd()),
+                };
+                reaper
+                    .spawn(&spec)
+                    .map_err(|e| io_err(format!("{w}: spawn"), e))
             })
-            .map_err(|e| io_err(format!("{what}: spawn thread"), e))?;
-        let (spawned, exit) = rx
-            .await
-            .map_err(|_| AgentError::Internal(format!("{what}: spawn thread died")))??;
+            .await?;
         let status = pipe::Receiver::from_owned_fd(status_r)
             .map_err(|e| io_err(format!("{what}: status pipe"), e))?;
         let mut status = BufReader::new(status);
         let stdio = match io.finish(what, stdin, size, &mut status).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL);
+                cleanup_kill(
+                    what,
+                    crate::spawn::pidfd_signal(&spawned.pidfd, libc::SIGKILL),
+                );
                 return Err(e);
             }
         };
@@ -365,13 +393,13 @@ impl Container {
         match next_status(what, &mut status, SETUP_TIMEOUT).await {
             Ok(None) => Ok(entry),
             Ok(Some(s)) => {
-                let _ = entry.signal(libc::SIGKILL);
+                cleanup_kill(what, entry.signal(libc::SIGKILL));
                 Err(AgentError::Internal(format!(
                     "{what}: unexpected status {s:?}"
                 )))
             }
             Err(e) => {
-                let _ = entry.signal(libc::SIGKILL);
+                cleanup_kill(what, entry.signal(libc::SIGKILL));
                 Err(e)
             }
         }
@@ -401,12 +429,48 @@ impl Container {
             .collect()
     }
 
+    /// The signal that has the effect `sig` asks for on process `pid`:
+    /// SIGKILL when `pid` is the init of its pid namespace and would drop
+    /// `sig` (see [`crate::signals`]).
+    fn effective_signal(&self, pid: i32, sig: i32) -> i32 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return sig;
+        };
+        let Some(state) = crate::signals::parse_status(&status) else {
+            tracing::warn!(cid = %self.id, pid, "unreadable /proc/{pid}/status; signal sent as is");
+            return sig;
+        };
+        let eff = crate::signals::effective_signal(sig, &state);
+        if eff != sig {
+            tracing::info!(
+                cid = %self.id,
+                pid,
+                signal = sig,
+                "the process is the init of its pid namespace and does not handle the signal, which the kernel would drop: sending SIGKILL"
+            );
+        }
+        eff
+    }
+
+    /// Signals the init process (through its pidfd).
+    pub fn signal_init(&self, sig: i32) -> std::io::Result<()> {
+        if self.init.exited().is_some() {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        self.init.signal(self.effective_signal(self.init.pid, sig))
+    }
+
     pub fn signal_all(&self, sig: i32) -> Result<()> {
         if sig == libc::SIGKILL {
             self.cgroup.kill_all();
             return Ok(());
         }
         for pid in self.cgroup.procs() {
+            let sig = if pid == self.init.pid {
+                self.effective_signal(pid, sig)
+            } else {
+                sig
+            };
             match nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::try_from(sig).ok(),
@@ -447,15 +511,19 @@ impl Container {
         Ok(())
     }
 
-    /// Kills everything, waits up to `timeout` for the init, removes the cgroup.
-    pub async fn destroy(&self, timeout: Duration) -> Result<()> {
+    /// Kills everything, waits up to `timeout` for the init, takes the
+    /// container out of the OOM watcher (a last look at its counter) and
+    /// removes the cgroup.
+    pub async fn destroy(&self, timeout: Duration, oom: &crate::oom::OomWatcher) -> Result<()> {
         let what = self.what();
         // Abort a created-but-not-started init.
         drop(self.start.lock().await.take());
         self.cgroup.kill_all();
-        let _ = self.init.signal(libc::SIGKILL);
+        cleanup_kill(&what, self.init.signal(libc::SIGKILL));
         if self.state() == State::Paused {
-            let _ = self.cgroup.set_frozen(&self.id, false).await;
+            if let Err(e) = self.cgroup.set_frozen(&self.id, false).await {
+                tracing::warn!(error = %e, "{what}: thaw before removal failed");
+            }
         }
         if tokio::time::timeout(timeout, self.init.wait())
             .await
@@ -472,6 +540,7 @@ impl Container {
             self.cgroup.kill_all();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        oom.remove(&self.id);
         self.cgroup.remove(&self.id).await?;
         for s in self.storages.iter().rev() {
             crate::storage::unmount(s);

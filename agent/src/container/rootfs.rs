@@ -59,7 +59,11 @@ pub fn prepare(cfg: &InitConfig) -> R {
         }
     }
     create_devices(cfg)?;
-    if cfg.new_uts {
+    if cfg.guest_devices {
+        let dev = secure_join(rootfs, Path::new("/dev")).map_err(|e| format!("/dev: {e}"))?;
+        super::privileged::copy_device_nodes(Path::new("/dev"), &dev)?;
+    }
+    if cfg.set_hostname {
         if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
             nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h:?}: {}", e.desc()))?;
         }
@@ -286,7 +290,8 @@ fn default_dev(rootfs: &Path) -> R {
         }
     }
     for d in ["pts", "shm", "mqueue"] {
-        let _ = fs::create_dir_all(dev.join(d));
+        let p = dev.join(d);
+        fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
     }
     Ok(())
 }
@@ -356,7 +361,11 @@ fn create_devices(cfg: &InitConfig) -> R {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|e| format!("{what}: {e}"))?;
         }
-        let _ = fs::remove_file(&path);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{what}: remove {}: {e}", path.display())),
+        }
         let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
         mknod(&path, kind, mode, makedev(major, minor))
             .map_err(|e| format!("{what}: mknod: {}", e.desc()))?;
@@ -366,7 +375,9 @@ fn create_devices(cfg: &InitConfig) -> R {
             d.gid().map(nix::unistd::Gid::from_raw),
         )
         .map_err(|e| format!("{what}: chown: {}", e.desc()))?;
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(mode.bits()));
+        // mknod applied the umask: set the spec's bits exactly.
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode.bits()))
+            .map_err(|e| format!("{what}: chmod: {e}"))?;
     }
     Ok(())
 }
@@ -383,7 +394,7 @@ fn switch_root(rootfs: &Path) -> R {
             Ok(())
         }
         Err(Errno::EINVAL) => {
-            let ancestors = detach_other_mounts(rootfs);
+            let ancestors = detach_other_mounts(rootfs)?;
             m(
                 "move rootfs to /",
                 mount(
@@ -397,7 +408,7 @@ fn switch_root(rootfs: &Path) -> R {
             // The rootfs no longer hangs below them: detach the rest too
             // (absolute paths still resolve from the old root here).
             for a in ancestors {
-                let _ = umount2(&a, MntFlags::MNT_DETACH);
+                detach(&a)?;
             }
             nix::unistd::chroot(".").map_err(|e| format!("chroot: {}", e.desc()))?;
             nix::unistd::chdir("/").map_err(|e| format!("chdir /: {}", e.desc()))?;
@@ -412,10 +423,9 @@ fn switch_root(rootfs: &Path) -> R {
 /// chroot fallback holds only the initramfs files (no shares of other
 /// containers). Returns the mounts above the rootfs (deepest first), which
 /// can only go once the rootfs has moved away.
-fn detach_other_mounts(rootfs: &Path) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
+fn detach_other_mounts(rootfs: &Path) -> R<Vec<PathBuf>> {
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
     let mut points: Vec<PathBuf> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -427,9 +437,18 @@ fn detach_other_mounts(rootfs: &Path) -> Vec<PathBuf> {
     let (ancestors, others): (Vec<PathBuf>, Vec<PathBuf>) =
         points.into_iter().partition(|p| rootfs.starts_with(p));
     for p in others {
-        let _ = umount2(&p, MntFlags::MNT_DETACH);
+        detach(&p)?;
     }
-    ancestors
+    Ok(ancestors)
+}
+
+/// Lazily unmounts `p`; a path that is no (longer a) mount point, or gone
+/// with a parent detached before it, is fine.
+fn detach(p: &Path) -> R {
+    match umount2(p, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(format!("detach {}: {}", p.display(), e.desc())),
+    }
 }
 
 fn unescape_mountinfo(s: &str) -> PathBuf {

@@ -1,10 +1,11 @@
-//! Pure translation of the OCI spec into what the agent does: namespaces to
-//! clone flags, mounts to a mount plan, rlimits and capabilities to numbers.
+//! Pure translation of the OCI spec into what the agent does: mounts to a
+//! mount plan, rlimits and capabilities to numbers (namespaces: see
+//! [`super::namespaces`]).
 //! Nothing here touches the system, so it is all unit tested on the host.
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
-use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimit, PosixRlimitType, Process, Spec};
+use oci_spec::runtime::{Mount, PosixRlimit, PosixRlimitType, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
@@ -12,14 +13,18 @@ use crate::paths::{is_clean_absolute, SHARED_DIR};
 
 /// Parses the OCI spec JSON of container `cid`.
 pub fn parse_spec(cid: &str, json: &[u8]) -> Result<Spec> {
-    serde_json::from_slice(json)
-        .map_err(|e| AgentError::invalid(format!("container {cid:?}: OCI spec is not valid: {e}")))
+    serde_json::from_slice(json).map_err(|e| AgentError::Json {
+        what: format!("container {cid:?}: OCI spec is not valid"),
+        source: e,
+    })
 }
 
 /// Parses an OCI `Process` (exec requests), named for errors.
 pub fn parse_process(what: &str, json: &[u8]) -> Result<Process> {
-    let p: Process = serde_json::from_slice(json)
-        .map_err(|e| AgentError::invalid(format!("{what}: OCI process is not valid: {e}")))?;
+    let p: Process = serde_json::from_slice(json).map_err(|e| AgentError::Json {
+        what: format!("{what}: OCI process is not valid"),
+        source: e,
+    })?;
     check_process(what, &p)?;
     Ok(p)
 }
@@ -84,50 +89,6 @@ pub fn resolve_rootfs(cid: &str, rootfs: &str, storage_mounts: &[PathBuf]) -> Re
         ));
     }
     Ok(Path::new(SHARED_DIR).join(p))
-}
-
-/// Clone flags for the namespaces of the spec. The container always gets its
-/// own mount namespace (the agent mounts its rootfs); network is the VM's
-/// (one sandbox = one VM = one network namespace); joining a namespace by
-/// path is not supported (host paths mean nothing in the guest), so such an
-/// entry gets a new namespace and a warning in the returned list.
-pub fn clone_flags(cid: &str, spec: &Spec) -> Result<(u64, Vec<String>)> {
-    let mut flags = libc::CLONE_NEWNS as u64;
-    let mut warnings = Vec::new();
-    let namespaces = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().clone())
-        .unwrap_or_default();
-    for ns in &namespaces {
-        let flag = match ns.typ() {
-            LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
-            LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
-            LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
-            LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
-            LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
-            // One sandbox = one VM = one network namespace.
-            LinuxNamespaceType::Network => continue,
-            LinuxNamespaceType::Time => {
-                warnings.push("time namespace: not supported, sharing the VM's".to_string());
-                continue;
-            }
-            LinuxNamespaceType::User => {
-                return Err(AgentError::invalid(format!(
-                    "container {cid:?}: user namespaces are not supported"
-                )))
-            }
-        };
-        if let Some(p) = ns.path() {
-            warnings.push(format!(
-                "{} namespace path {} ignored: a new namespace is created",
-                ns.typ(),
-                p.display()
-            ));
-        }
-        flags |= flag as u64;
-    }
-    Ok((flags, warnings))
 }
 
 /// One mount of the plan, in spec order.
@@ -575,29 +536,6 @@ mod tests {
         ] {
             assert!(resolve_rootfs("c", bad, &mounts).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn namespaces_to_flags() {
-        let s = spec(
-            r#"{"ociVersion":"1.0.2","root":{"path":"r"},"linux":{"namespaces":[
-            {"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"},{"type":"network"},
-            {"type":"cgroup","path":"/proc/1/ns/cgroup"}]}}"#,
-        );
-        let (flags, warnings) = clone_flags("c", &s).unwrap();
-        let want = libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWCGROUP;
-        assert_eq!(flags, want as u64);
-        assert_eq!(warnings.len(), 1);
-        let s = spec(
-            r#"{"ociVersion":"1.0.2","root":{"path":"r"},"linux":{"namespaces":[{"type":"user"}]}}"#,
-        );
-        assert!(clone_flags("c", &s).is_err());
-        let s = spec(r#"{"ociVersion":"1.0.2","root":{"path":"r"}}"#);
-        assert_eq!(clone_flags("c", &s).unwrap().0, libc::CLONE_NEWNS as u64);
     }
 
     #[test]

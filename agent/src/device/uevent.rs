@@ -127,7 +127,10 @@ pub(crate) fn open_socket() -> io::Result<OwnedFd> {
     )?;
     // RcvBufForce needs CAP_NET_ADMIN; fall back to the capped RcvBuf.
     if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
-        let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
+        // A smaller buffer only makes overruns (handled by rescans) likelier.
+        if let Err(e) = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF) {
+            tracing::warn!(error = %e, "uevent socket: cannot raise the receive buffer");
+        }
     }
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, KERNEL_GROUP))?;
     Ok(fd)

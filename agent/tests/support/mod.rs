@@ -96,7 +96,7 @@ pub fn busybox_rootfs(dir: &Path) {
     for applet in [
         "sh", "echo", "cat", "sleep", "ls", "true", "false", "id", "hostname", "ps", "kill",
         "stty", "tty", "env", "pwd", "head", "wc", "yes", "mkdir", "test", "uname", "grep", "stat",
-        "dd", "sync", "tr", "usleep", "od", "cut", "seq",
+        "dd", "sync", "tr", "usleep", "od", "cut", "seq", "top", "readlink",
     ] {
         let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
     }
