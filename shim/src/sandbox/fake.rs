@@ -64,6 +64,8 @@ struct State {
 #[derive(Clone, Default)]
 pub struct FakeSandbox {
     state: Arc<Mutex<State>>,
+    /// OOM kills the "guest" saw: (container, sequence number).
+    oom: Arc<watch::Sender<Vec<(String, u64)>>>,
     devices: Arc<Mutex<Option<Arc<DeviceManager>>>>,
     backend: Arc<RecordingBackend>,
 }
@@ -146,6 +148,15 @@ impl FakeSandbox {
     }
     pub fn set_stats(&self, s: GuestStats) {
         self.st().stats = Some(s);
+    }
+    /// Records an OOM kill of `cid` in the "guest" and kills its init
+    /// (exit 137), as the guest kernel would.
+    pub fn oom_kill(&self, cid: &str) {
+        self.oom.send_modify(|v| {
+            let seq = v.len() as u64 + 1;
+            v.push((cid.to_string(), seq));
+        });
+        self.exit(cid, "", 137);
     }
     /// Makes a running process exit with `status`.
     pub fn exit(&self, cid: &str, exec_id: &str, status: u32) {
@@ -369,6 +380,18 @@ impl Guest for FakeSandbox {
         self.call(format!("remove_container {cid}"), None)?;
         self.st().containers.remove(cid);
         Ok(())
+    }
+    async fn next_oom_event(&self, after: u64) -> Result<(String, u64)> {
+        let mut rx = self.oom.subscribe();
+        loop {
+            let next = rx.borrow().iter().find(|(_, seq)| *seq > after).cloned();
+            if let Some(e) = next {
+                return Ok(e);
+            }
+            rx.changed()
+                .await
+                .map_err(|_| Error::internal("fake OOM events gone"))?;
+        }
     }
 }
 

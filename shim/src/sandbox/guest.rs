@@ -71,4 +71,8 @@ pub trait Guest: Send + Sync {
     /// (guest pid, exec id) of every process.
     async fn list_processes(&self, cid: &str) -> Result<Vec<(u32, String)>>;
     async fn remove_container(&self, cid: &str) -> Result<()>;
+    /// The first OOM kill after event `after` (0 at first): the container
+    /// and the event's sequence number. Waits (no deadline) until there is
+    /// one; consumes nothing.
+    async fn next_oom_event(&self, after: u64) -> Result<(String, u64)>;
 }

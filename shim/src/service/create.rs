@@ -269,6 +269,10 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
     };
 
     let pid = sb.vm_pid();
+    let oom = match lifecycle.as_ref() {
+        Some(a) => a.oom.clone(),
+        None => super::oom::OomEvents::new(sb.clone(), inner.events.clone()),
+    };
     let init = Process::new(&id, "", stdio.clone(), None, host_io);
     let container = Arc::new(Container {
         id: id.clone(),
@@ -279,9 +283,11 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         execs: Mutex::new(Default::default()),
         record: Mutex::new(rec),
         store: store.clone(),
+        oom: oom.clone(),
     });
     inner.containers().insert(id.clone(), container);
     if lifecycle.is_none() {
+        let oom_watch = tokio::spawn(oom.clone().watch()).abort_handle();
         *lifecycle = Some(Active {
             id: sandbox_id,
             sandbox: sb,
@@ -289,6 +295,8 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
             config_path,
             paths,
             store,
+            oom,
+            oom_watch,
         });
     }
     drop(lifecycle);

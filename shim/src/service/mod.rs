@@ -26,6 +26,7 @@ use crate::sandbox::{Sandbox, SandboxFactory};
 use crate::state::{SandboxPaths, SandboxStore};
 
 mod create;
+pub mod oom;
 mod ops;
 pub mod options;
 pub mod process;
@@ -67,6 +68,9 @@ pub(crate) struct Active {
     pub config_path: Option<PathBuf>,
     pub paths: SandboxPaths,
     pub store: Arc<SandboxStore>,
+    pub oom: Arc<oom::OomEvents>,
+    /// The sandbox's OOM watcher, stopped with it.
+    pub oom_watch: tokio::task::AbortHandle,
 }
 
 pub(crate) struct Inner {

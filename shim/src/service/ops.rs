@@ -68,6 +68,11 @@ fn spawn_waiter(c: Arc<Container>, p: Arc<Process>, events: Arc<dyn EventSink>) 
                 ExitStatus::now(255)
             }
         };
+        if exit.status == 128 + 9 {
+            // Killed: maybe by the guest's OOM killer, which CRI must hear
+            // of before the exit.
+            c.oom.flush_before_exit().await;
+        }
         if let Some(io) = p.io() {
             if !io.wait_output(OUTPUT_DRAIN).await {
                 tracing::warn!(process = %p.what(), "output still open after the exit; publishing the exit anyway");
@@ -496,6 +501,7 @@ pub async fn shutdown(inner: &Inner, _req: api::ShutdownRequest) -> Result<Empty
         return Ok(Empty::new());
     }
     if let Some(active) = lifecycle.take() {
+        active.oom_watch.abort();
         fault::point("shutdown.before-stop");
         if let Err(e) = active.sandbox.shutdown().await {
             tracing::error!(sandbox = %active.id, error = %e, "stopping the sandbox");

@@ -190,6 +190,8 @@ pub struct Container {
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
     pub record: Mutex<ContainerRecord>,
     pub store: Arc<SandboxStore>,
+    /// The sandbox's OOM events.
+    pub oom: Arc<super::oom::OomEvents>,
 }
 
 impl Container {

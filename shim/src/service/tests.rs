@@ -395,6 +395,28 @@ async fn pod_containers_share_one_sandbox_and_devices() {
 }
 
 #[tokio::test]
+async fn an_oom_kill_in_the_guest_is_published_before_the_exit() {
+    let e = env();
+    let b = e.bundle("c1", &[], &[]);
+    e.create("c1", &b, "").await.unwrap();
+    e.start("c1", "").await.unwrap();
+    e.fake.oom_kill("c1");
+    assert_eq!(e.wait("c1", "").await, 137);
+    let labels = e.sink.labels();
+    let oom = labels.iter().position(|l| l == "oom c1");
+    let exit = labels.iter().position(|l| l == "exit c1");
+    assert!(
+        matches!((oom, exit), (Some(o), Some(x)) if o < x),
+        "TaskOOM before TaskExit: {labels:?}"
+    );
+    // Published once, however many times the watcher and the exit asked.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(e.sink.labels().iter().filter(|l| *l == "oom c1").count(), 1);
+    e.delete("c1", "").await.unwrap();
+    e.shutdown().await;
+}
+
+#[tokio::test]
 async fn create_resolves_each_device_once_and_devices_json_names_the_owner() {
     use std::sync::atomic::Ordering::SeqCst;
     let e = env();

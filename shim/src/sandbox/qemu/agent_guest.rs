@@ -188,4 +188,13 @@ impl Guest for AgentGuest {
             .await?;
         Ok(())
     }
+
+    async fn next_oom_event(&self, after: u64) -> Result<(String, u64)> {
+        let req = agent::GetOOMEventRequest {
+            after,
+            ..Default::default()
+        };
+        let e = self.agent.get_oom_event(&req).await?;
+        Ok((e.container_id, e.seq))
+    }
 }
