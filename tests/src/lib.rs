@@ -1,6 +1,6 @@
-//! End-to-end harness: a private containerd 1.6 (its own root, state,
-//! socket and config; the capsule runtime resolved through a private PATH
-//! entry), a busybox OCI image built by hand from the host's busybox-static
+//! End-to-end harness: a private containerd (1.6, 1.7 or 2.1:
+//! `CAPSULE_CONTAINERD`, see [`containerd`]; its own root, state, socket and
+//! config; the capsule runtime resolved through a private PATH entry), a busybox OCI image built by hand from the host's busybox-static
 //! and imported with `ctr`, `ctr` invocations with deadlines, loop devices,
 //! and leak checks (QEMU/virtiofsd processes, mounts, state files).
 //!
@@ -14,6 +14,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+pub mod containerd;
+pub use containerd::{Containerd, Version as ContainerdVersion};
 
 pub const RUNTIME: &str = "io.containerd.capsule.v2";
 pub const IMAGE: &str = "docker.io/library/capsule-busybox:latest";
@@ -52,6 +55,8 @@ pub struct Ready {
     pub image_tar: PathBuf,
     /// The image's filesystem, unpacked (for `ctr run --config`).
     pub rootfs_dir: PathBuf,
+    /// The containerd of `CAPSULE_CONTAINERD`.
+    pub containerd: &'static Containerd,
 }
 
 fn which(name: &str, extra: &[PathBuf]) -> Option<PathBuf> {
@@ -80,9 +85,8 @@ fn ready() -> Result<Ready> {
             initramfs.display()
         );
     }
+    let containerd = Containerd::selected()?;
     for tool in [
-        "containerd",
-        "ctr",
         "qemu-system-x86_64",
         "losetup",
         "script",
@@ -122,6 +126,7 @@ fn ready() -> Result<Ready> {
         initramfs,
         virtiofsd,
         image_tar,
+        containerd,
     })
 }
 
@@ -327,6 +332,12 @@ pub struct CapsuleOptions {
     /// benchmarks).
     pub release: bool,
     pub memory_mib: u32,
+    /// containerd runs in a service manager's minimal environment, as on a
+    /// node: `env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin` (no HOME, no
+    /// CAPSULE_CONFIG, no private PATH entry for the shim) plus
+    /// `containerd_env`. Tests then name the runtime by the shim's absolute
+    /// path ([`Env::runtime`]) and the config by `--runtime-config-path`.
+    pub service_env: bool,
 }
 
 impl Default for CapsuleOptions {
@@ -338,6 +349,7 @@ impl Default for CapsuleOptions {
             containerd_env: Vec::new(),
             release: false,
             memory_mib: 256,
+            service_env: false,
         }
     }
 }
@@ -378,9 +390,18 @@ pub struct Env {
     pub shim: PathBuf,
     pub capsule_cli: PathBuf,
     containerd_env: Vec<(String, String)>,
+    service_env: bool,
     containerd: Option<Child>,
     loops: Vec<String>,
     pub ready: &'static Ready,
+    /// The containerd binaries this environment runs.
+    pub daemon: &'static Containerd,
+    /// The runtime `run` asks for: [`RUNTIME`], or a shim's absolute path.
+    pub runtime: String,
+    /// containerd log errors a test provokes on purpose (substrings).
+    allowed_log_errors: Vec<String>,
+    /// The log errors were reported already (by `assert_clean`).
+    log_errors_reported: std::cell::Cell<bool>,
     /// Dead sockets in containerd's shim socket directory before this
     /// environment started (not ours to report).
     sockets_before: Vec<PathBuf>,
@@ -409,32 +430,20 @@ impl Env {
             shim,
             capsule_cli,
             containerd_env: opts.containerd_env.clone(),
+            service_env: opts.service_env,
             containerd: None,
             loops: Vec::new(),
             ready,
+            daemon: ready.containerd,
+            runtime: RUNTIME.into(),
+            allowed_log_errors: Vec::new(),
+            log_errors_reported: std::cell::Cell::new(false),
             dir,
             sockets_before: dead_shim_sockets(),
         };
         env.write_capsule_config(&env.config_path.clone(), &opts)?;
         let d = env.dir.path().to_path_buf();
-        let cfg = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.opt", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-  level = "debug"
-[metrics]
-  address = ""
-"#,
-            d = d.display()
-        );
-        std::fs::write(d.join("containerd.toml"), cfg)?;
+        std::fs::write(d.join("containerd.toml"), env.daemon.config(&d))?;
         env.spawn_containerd()?;
         let o = env.ctr(&["images", "import", &ready.image_tar.display().to_string()])?;
         if !o.status.success() {
@@ -489,6 +498,46 @@ path = "{virtiofsd}"
         Ok(())
     }
 
+    /// The `ctr` matching this environment's containerd.
+    pub fn ctr_path(&self) -> &Path {
+        &self.daemon.ctr
+    }
+
+    /// Accepts containerd log errors containing `needle` (a test provokes
+    /// them on purpose).
+    pub fn allow_log_error(&mut self, needle: &str) {
+        self.allowed_log_errors.push(needle.to_string());
+    }
+
+    /// containerd log lines at `level=error` about capsule or its shim that
+    /// no [`allow_log_error`](Self::allow_log_error) accepts.
+    pub fn log_errors(&self) -> Vec<String> {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        containerd::error_lines(&log, &self.allowed_log_errors)
+    }
+
+    fn log_errors_message(&self, errors: &[String]) -> String {
+        format!(
+            "containerd {} ({}) logged {} error line(s) about capsule:\n{}",
+            self.daemon.version.as_str(),
+            self.dir.path().join("containerd.log").display(),
+            errors.len(),
+            errors.join("\n")
+        )
+    }
+
+    /// Fails when containerd logged errors about capsule (see
+    /// [`log_errors`](Self::log_errors)).
+    pub fn assert_no_log_errors(&self) -> Result<()> {
+        let errors = self.log_errors();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        self.log_errors_reported.set(true);
+        bail!("{}", self.log_errors_message(&errors))
+    }
+
     pub fn containerd_log_tail(&self) -> String {
         let s = std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = s.lines().rev().take(40).collect();
@@ -499,7 +548,7 @@ path = "{virtiofsd}"
     }
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = Command::new(&self.daemon.ctr);
         c.arg("--address")
             .arg(&self.sock)
             .args(["--namespace", NAMESPACE])
@@ -527,7 +576,7 @@ path = "{virtiofsd}"
 
     /// `ctr run --runtime io.containerd.capsule.v2 OPTS IMAGE ID CMD...`.
     pub fn run(&self, opts: &[&str], id: &str, cmd: &[&str]) -> Result<Output> {
-        let mut args = vec!["run", "--runtime", RUNTIME];
+        let mut args = vec!["run", "--runtime", self.runtime.as_str()];
         args.extend_from_slice(opts);
         args.push(IMAGE);
         args.push(id);
@@ -538,14 +587,14 @@ path = "{virtiofsd}"
     /// `ctr ... run` under `script`, which gives ctr a terminal (for `-t`).
     pub fn run_in_pty(&self, opts: &[&str], id: &str, cmd: &[&str]) -> Result<Output> {
         let mut words: Vec<String> = vec![
-            "ctr".into(),
+            self.daemon.ctr.display().to_string(),
             "--address".into(),
             self.sock.display().to_string(),
             "--namespace".into(),
             NAMESPACE.into(),
             "run".into(),
             "--runtime".into(),
-            RUNTIME.into(),
+            self.runtime.clone(),
         ];
         words.extend(opts.iter().map(|s| s.to_string()));
         words.push(IMAGE.into());
@@ -590,16 +639,20 @@ path = "{virtiofsd}"
             .create(true)
             .append(true)
             .open(d.join("containerd.log"))?;
-        let path = format!(
-            "{}:{}",
-            d.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("containerd.toml"))
-            .env("PATH", path)
-            .env("CAPSULE_CONFIG", &self.config_path)
+        let mut cmd = Command::new(&self.daemon.containerd);
+        cmd.arg("--config").arg(d.join("containerd.toml"));
+        if self.service_env {
+            cmd.env_clear().env("PATH", SERVICE_PATH);
+        } else {
+            let path = format!(
+                "{}:{}",
+                d.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            cmd.env("PATH", path)
+                .env("CAPSULE_CONFIG", &self.config_path);
+        }
+        let child = cmd
             .envs(self.containerd_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -712,7 +765,8 @@ path = "{virtiofsd}"
             last = self.leftovers();
             last.is_empty().then_some(())
         });
-        r.with_context(|| format!("leftovers: {last:#?}\n{}", self.containerd_log_tail()))
+        r.with_context(|| format!("leftovers: {last:#?}\n{}", self.containerd_log_tail()))?;
+        self.assert_no_log_errors()
     }
 
     /// The shim serving sandbox `id` (from its vm.json).
@@ -746,8 +800,19 @@ path = "{virtiofsd}"
     }
 }
 
+/// PATH of a service manager's minimal environment (what containerd gets
+/// from an init system that sets nothing else).
+pub const SERVICE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
 impl Drop for Env {
     fn drop(&mut self) {
+        // Errors logged during the test, before the cleanup below adds its
+        // own; reported once the cleanup is done.
+        let log_errors = if self.log_errors_reported.get() || std::thread::panicking() {
+            Vec::new()
+        } else {
+            self.log_errors()
+        };
         // CAPSULE_E2E_LOGS=DIR keeps every environment's containerd log
         // (the shim logs into it) for debugging.
         if let Some(keep) = std::env::var_os("CAPSULE_E2E_LOGS") {
@@ -807,6 +872,9 @@ impl Drop for Env {
         }
         for l in &self.loops {
             let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        if !log_errors.is_empty() {
+            panic!("{}", self.log_errors_message(&log_errors));
         }
     }
 }
