@@ -96,14 +96,12 @@ fn ready() -> Result<Ready> {
         which(tool, &[])
             .ok_or_else(|| anyhow!("{tool} not found in PATH (scripts/install-deps.sh)"))?;
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let virtiofsd = which(
-        "virtiofsd",
-        &[home.join(".cargo/bin"), "/usr/libexec".into()],
-    )
-    .ok_or_else(|| anyhow!("virtiofsd not found (cargo install virtiofsd)"))?;
+    // capsule's own lookup: a virtiofsd it can drive (not QEMU's C one).
+    let virtiofsd = capsule_shim::config::find_virtiofsd(Path::new("virtiofsd"), false);
+    let virtiofsd = match virtiofsd.found {
+        Some(v) => v.path,
+        None => bail!("{}", virtiofsd.error(Path::new("virtiofsd"))),
+    };
     // The shim binaries: built here, as `cargo test -p capsule-tests` builds
     // only the library of capsule-shim.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -338,6 +336,10 @@ pub struct CapsuleOptions {
     /// `containerd_env`. Tests then name the runtime by the shim's absolute
     /// path ([`Env::runtime`]) and the config by `--runtime-config-path`.
     pub service_env: bool,
+    /// `[virtiofsd] path`: the harness's absolute path when `None`.
+    pub virtiofsd: Option<String>,
+    /// Where `vmlinuz` and `initramfs.img` are: the built guest when `None`.
+    pub guest_dir: Option<PathBuf>,
 }
 
 impl Default for CapsuleOptions {
@@ -350,6 +352,8 @@ impl Default for CapsuleOptions {
             release: false,
             memory_mib: 256,
             service_env: false,
+            virtiofsd: None,
+            guest_dir: None,
         }
     }
 }
@@ -471,6 +475,10 @@ impl Env {
             .iter()
             .map(|(k, v)| format!("{k} = {v:?}\n"))
             .collect();
+        let (kernel, initramfs) = match &opts.guest_dir {
+            Some(d) => (d.join("vmlinuz"), d.join("initramfs.img")),
+            None => (self.ready.kernel.clone(), self.ready.initramfs.clone()),
+        };
         let text = format!(
             r#"state_dir = "{state}"
 log_level = "debug"
@@ -490,12 +498,21 @@ path = "{virtiofsd}"
             memory = opts.memory_mib,
             state = self.state_dir.display(),
             driver = opts.block_device_driver,
-            kernel = self.ready.kernel.display(),
-            initramfs = self.ready.initramfs.display(),
-            virtiofsd = self.ready.virtiofsd.display(),
+            kernel = kernel.display(),
+            initramfs = initramfs.display(),
+            virtiofsd = opts.virtiofsd.clone().unwrap_or_else(|| self
+                .ready
+                .virtiofsd
+                .display()
+                .to_string()),
         );
         std::fs::write(path, text)?;
         Ok(())
+    }
+
+    /// The running containerd's pid.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.containerd.as_ref().map(Child::id)
     }
 
     /// The `ctr` matching this environment's containerd.
