@@ -954,3 +954,35 @@ fn start_answers_each_daemon_in_its_form() -> Result<()> {
     }
     Ok(())
 }
+
+/// containerd 2.x asks the shim for its runtime info (`<shim> -info`) through
+/// its introspection service, which `ctr plugins inspect-runtime` calls.
+#[test]
+fn containerd_reads_the_runtime_info() -> Result<()> {
+    let _s = serial();
+    let version = capsule_tests::Containerd::selected()?.version;
+    if !version.is_2x() {
+        eprintln!(
+            "not applicable: containerd {} has no runtime introspection (`ctr plugins \
+             inspect-runtime` came with 2.0); start_answers_each_daemon_in_its_form runs `-info`",
+            version.as_str()
+        );
+        return Ok(());
+    }
+    let env = Env::start()?;
+    let cfg = env.config_path.display().to_string();
+    let out = env.ctr_ok(&[
+        "plugins",
+        "inspect-runtime",
+        "--runtime",
+        capsule_tests::RUNTIME,
+        "--runtime-config-path",
+        &cfg,
+    ])?;
+    eprintln!("{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(v["Name"] == capsule_tests::RUNTIME, "{out}");
+    ensure!(v["Features"]["ociVersionMin"] == "1.0.0", "{out}");
+    ensure!(out.contains(&cfg), "the options are not echoed: {out}");
+    env.assert_clean(CLEAN)
+}
