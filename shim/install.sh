@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Installs capsule on this host:
 #   /usr/local/bin/containerd-shim-capsule-v2, /usr/local/bin/capsule
+#   /usr/local/libexec/capsule/virtiofsd                (the Rust virtiofsd)
 #   /usr/local/share/capsule/{vmlinuz,initramfs.img}   (the guest)
 #   /etc/capsule/configuration.toml                     (not overwritten)
 #
 #   shim/install.sh [--profile dist|release|debug] [--prefix /usr/local] [--destdir DIR]
+#
+# virtiofsd goes where capsule looks first (<prefix>/libexec/capsule, next to
+# the <prefix>/bin the shim runs from): a containerd started by an init
+# system has no ~/.cargo/bin in its PATH, and QEMU's legacy C virtiofsd
+# (/usr/lib/qemu/virtiofsd) takes another command line. It is copied from
+# $VIRTIOFSD, or the first Rust virtiofsd in PATH, ~/.cargo/bin or
+# /usr/libexec (scripts/install-deps.sh runs `cargo install virtiofsd`).
 #
 # Needs the binaries built (shim/build-dist.sh for `dist`, what `make
 # install` ships; or cargo build [--release] -p capsule-shim) and the
@@ -32,6 +40,7 @@ if [ "$profile" = dist ]; then
     bins=$target/dist/x86_64-unknown-linux-gnu/dist
 fi
 bindir=$destdir$prefix/bin
+libexecdir=$destdir$prefix/libexec/capsule
 sharedir=$destdir$prefix/share/capsule
 confdir=$destdir/etc/capsule
 
@@ -48,9 +57,34 @@ if [ "$missing" = 1 ]; then
     exit 1
 fi
 
-install -d -m 0755 "$bindir" "$sharedir" "$confdir"
+# A virtiofsd capsule can drive: its --help offers every flag capsule passes
+# (shim/src/config/virtiofsd.rs, VIRTIOFSD_FLAGS).
+rust_virtiofsd() {
+    local help
+    help=$("$1" --help 2>&1) || return 1
+    for flag in --socket-path --shared-dir --sandbox --cache --announce-submounts; do
+        grep -qE -- "(^|[[:space:],])$flag([[:space:],=<[]|\$)" <<<"$help" || return 1
+    done
+}
+virtiofsd=${VIRTIOFSD:-}
+if [ -z "$virtiofsd" ]; then
+    IFS=: read -ra path_dirs <<<"${PATH:-}"
+    for d in "${path_dirs[@]}" "${CARGO_HOME:-${HOME:-/root}/.cargo}/bin" /usr/libexec; do
+        if [ -x "$d/virtiofsd" ] && rust_virtiofsd "$d/virtiofsd"; then
+            virtiofsd=$d/virtiofsd
+            break
+        fi
+    done
+fi
+if [ -z "$virtiofsd" ] || ! rust_virtiofsd "$virtiofsd"; then
+    echo "install.sh: no Rust virtiofsd found${virtiofsd:+ ($virtiofsd is not one)}: scripts/install-deps.sh (cargo install virtiofsd), or VIRTIOFSD=PATH" >&2
+    exit 1
+fi
+
+install -d -m 0755 "$bindir" "$libexecdir" "$sharedir" "$confdir"
 install -m 0755 "$bins/containerd-shim-capsule-v2" "$bindir/"
 install -m 0755 "$bins/capsule" "$bindir/"
+install -m 0755 "$virtiofsd" "$libexecdir/virtiofsd"
 install -m 0644 "$target/guest/vmlinuz" "$sharedir/vmlinuz"
 install -m 0644 "$target/guest/initramfs.img" "$sharedir/initramfs.img"
 if [ -e "$confdir/configuration.toml" ]; then
@@ -58,4 +92,4 @@ if [ -e "$confdir/configuration.toml" ]; then
 else
     install -m 0644 shim/configuration.toml "$confdir/configuration.toml"
 fi
-echo "installed capsule into $destdir$prefix (config $confdir/configuration.toml)"
+echo "installed capsule into $destdir$prefix (virtiofsd from $virtiofsd; config $confdir/configuration.toml)"

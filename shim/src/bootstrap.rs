@@ -1,20 +1,32 @@
-//! The shim binary's three modes, as containerd 1.6 runs them:
+//! The shim binary's modes, as containerd 1.6, 1.7 and 2.x run them:
 //!
-//! - `start`: prints the ttrpc address of the shim serving this container
-//!   (reusing the pod's shim when the CRI annotations group it) and nothing
-//!   else: containerd 1.6 reads stdout **and** stderr as the address.
+//! - `-info`: the runtime info protobuf (containerd 2.x; [`info`]).
+//! - `start`: reads what containerd piped in (nothing, runtime options or,
+//!   from 2.3, bootstrap params), finds or spawns the shim serving this
+//!   container (reusing the pod's shim when the CRI annotations group it)
+//!   and prints its address in the form the calling daemon reads
+//!   ([`protocol`]), and nothing else: containerd reads stdout **and**
+//!   stderr as the reply.
 //! - (no action) `-socket ADDR`: the long-running server.
 //! - `delete`: cleans up after a dead shim and writes a DeleteResponse.
 //!
-//! Why not `containerd_shim::run`: containerd-shim 0.12 answers `start`
-//! with a JSON document (the containerd 2.x protocol), which containerd 1.6
-//! takes for the address, and it registers only `containerd.task.v3.Task`,
-//! while containerd 1.6 calls `containerd.task.v2.Task`. This module reuses
-//! its argument parser, socket naming and event publisher, replies with the
-//! bare address, and serves the task service under both names. The shim
-//! sets no SIGCHLD handler of its own: QEMU, virtiofsd and logging binaries
-//! are tokio children reaped by tokio (per pid, never `waitpid(-1)`), and the
-//! shim is no subreaper, so orphans go to init.
+//! Why not `containerd_shim::run`: containerd-shim 0.12 tells containerd 2.3
+//! from older daemons, but answers every older daemon with JSON version 3,
+//! which containerd 1.6 takes for the address, 1.7 refuses ("unsupported
+//! shim version (3)") and 2.0–2.2 read as "this shim serves the Sandbox
+//! API" (see [`protocol`]); it registers only `containerd.task.v3.Task`,
+//! while containerd 1.6 and 1.7 call `containerd.task.v2.Task`; and its
+//! reaper calls `waitpid(-1)`. This module reuses its argument parser (with
+//! `-info`), its bootstrap messages, `StartOpts` (socket naming, honouring
+//! 2.3's `socket_dir`), its exit signal and the protos' `RuntimeInfo`;
+//! decodes stdin and picks the reply itself; and serves the task service
+//! under both names. The shim sets no SIGCHLD handler of its own: QEMU,
+//! virtiofsd and logging binaries are tokio children reaped by tokio (per
+//! pid, never `waitpid(-1)`), and the shim is no subreaper, so orphans go to
+//! init.
+mod info;
+pub mod protocol;
+
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +34,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use containerd_shim::{ExitSignal, Flags};
+use containerd_shim::{ExitSignal, Flags, StartOpts};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 
@@ -35,6 +47,9 @@ use crate::service::{self, ConfigSource, TaskService};
 pub const RUNTIME_ID: &str = "io.containerd.capsule.v2";
 pub const TASK_V2: &str = "containerd.task.v2.Task";
 pub const TASK_V3: &str = "containerd.task.v3.Task";
+/// `start` tells the server which daemon called and how it was answered
+/// (logged when the server comes up).
+const CALLER_ENV: &str = "CAPSULE_SHIM_CALLER";
 
 /// `containerd-shim-capsule-v2` main. Returns the exit code.
 pub fn main(args: Vec<OsString>) -> i32 {
@@ -49,11 +64,25 @@ pub fn main(args: Vec<OsString>) -> i32 {
         println!("containerd-shim-capsule-v2 {}", env!("CARGO_PKG_VERSION"));
         return 0;
     }
+    if flags.info {
+        return match info::runtime_info(&read_stdin()).write_to_bytes() {
+            Ok(b) => {
+                let mut out = std::io::stdout();
+                let _ = out.write_all(&b);
+                let _ = out.flush();
+                0
+            }
+            Err(e) => {
+                eprintln!("capsule: -info: encoding the runtime info: {e}");
+                1
+            }
+        };
+    }
     match flags.action.as_str() {
         "start" => match start(&flags) {
-            Ok(address) => {
+            Ok(reply) => {
                 let mut out = std::io::stdout();
-                let _ = out.write_all(address.as_bytes());
+                let _ = out.write_all(&reply);
                 let _ = out.flush();
                 0
             }
@@ -80,8 +109,8 @@ fn socket_works(addr: &str) -> bool {
     std::os::unix::net::UnixStream::connect(strip_unix(addr)).is_ok()
 }
 
-/// Reads what containerd piped to `start` (runtime options on 1.6,
-/// bootstrap params on 2.3+); never fails on it.
+/// Reads what containerd piped to `start` or `-info` (nothing, runtime
+/// options, or bootstrap params on 2.3+); never fails on it.
 fn read_stdin() -> Vec<u8> {
     use std::io::IsTerminal;
     if std::io::stdin().is_terminal() {
@@ -98,16 +127,44 @@ fn read_stdin() -> Vec<u8> {
     rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
 }
 
-/// `start`: find or spawn the shim server; returns its address.
-pub fn start(flags: &Flags) -> Result<String, String> {
-    let stdin = read_stdin();
+/// What `start` needs from the flags and from what containerd piped in.
+fn start_opts(flags: &Flags, input: &protocol::StartInput) -> StartOpts {
+    let mut opts = match input {
+        protocol::StartInput::Bootstrap(p) => StartOpts::from(p.as_ref().clone()),
+        _ => StartOpts {
+            id: flags.id.clone(),
+            publish_binary: flags.publish_binary.clone(),
+            address: flags.address.clone(),
+            ttrpc_address: std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+            namespace: flags.namespace.clone(),
+            ..Default::default()
+        },
+    };
+    opts.debug |= flags.debug;
+    opts.extensions = input.options();
+    opts
+}
+
+/// `start`: find or spawn the shim server; returns the reply for the
+/// calling daemon.
+pub fn start(flags: &Flags) -> Result<Vec<u8>, String> {
+    let input = protocol::decode_start_input(&read_stdin(), &flags.id, &flags.namespace);
+    let max_version = std::env::var(protocol::MAX_SHIM_VERSION_ENV).ok();
+    let daemon = protocol::daemon(&input, max_version.as_deref());
+    let opts = start_opts(flags, &input);
+    let address = start_server(&opts, &daemon)?;
+    protocol::encode_reply(daemon.reply(), &address)
+}
+
+/// Finds or spawns the shim server for `opts`; returns its address.
+fn start_server(opts: &StartOpts, daemon: &protocol::Daemon) -> Result<String, String> {
     let bundle = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
     let grouping = std::fs::read(bundle.join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<oci_spec::runtime::Spec>(&b).ok())
-        .map(|s| service::sandbox_id_of(&flags.id, &s))
-        .unwrap_or_else(|| flags.id.clone());
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping);
+        .map(|s| service::sandbox_id_of(&opts.id, &s))
+        .unwrap_or_else(|| opts.id.clone());
+    let address = opts.socket_address(&grouping);
     let write_address = |a: &str| {
         std::fs::write(bundle.join("address"), a)
             .map_err(|e| format!("writing {}: {e}", bundle.join("address").display()))
@@ -126,20 +183,32 @@ pub fn start(flags: &Flags) -> Result<String, String> {
     cmd.current_dir(&bundle)
         .args([
             "-namespace",
-            &flags.namespace,
+            &opts.namespace,
             "-id",
-            &flags.id,
+            &opts.id,
             "-address",
-            &flags.address,
+            &opts.address,
         ])
         .args(["-socket", &address])
+        .env(
+            CALLER_ENV,
+            format!("{daemon:?} (reply {:?})", daemon.reply()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    if flags.debug {
+    if opts.debug {
         cmd.arg("-debug");
     }
-    if let Some(p) = service::options::config_path_from_stdin(&stdin) {
+    if !opts.ttrpc_address.is_empty() {
+        // containerd 2.3 hands it over in the bootstrap params.
+        cmd.env("TTRPC_ADDRESS", &opts.ttrpc_address);
+    }
+    if let Some(p) = opts
+        .extensions
+        .iter()
+        .find_map(service::options::config_path)
+    {
         cmd.env(crate::config::CONFIG_ENV, p);
     }
     {
@@ -289,7 +358,8 @@ async fn serve_async(flags: &Flags, listener: std::os::unix::net::UnixListener) 
         return 1;
     }
     release_stdout();
-    tracing::info!(id = %flags.id, socket = %flags.socket, pid = std::process::id(), "shim serving");
+    let caller = std::env::var(CALLER_ENV).unwrap_or_default();
+    tracing::info!(id = %flags.id, socket = %flags.socket, pid = std::process::id(), %caller, "shim serving");
     exit.wait().await;
     tracing::info!("shim exiting");
     let _ = server.shutdown().await;

@@ -15,6 +15,12 @@ use capsule_hypervisor::config::{AccelMode, MachineType};
 
 use crate::error::{Error, Result};
 
+mod virtiofsd;
+pub use virtiofsd::{
+    find_virtiofsd, probe_virtiofsd, resolve_virtiofsd, virtiofsd_candidates, virtiofsd_locations,
+    Skipped, Virtiofsd, VirtiofsdLookup, VIRTIOFSD_FLAGS, VIRTIOFSD_LIBEXEC,
+};
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsule/configuration.toml";
 pub const CONFIG_ENV: &str = "CAPSULE_CONFIG";
 pub const DEFAULT_STATE_DIR: &str = "/run/capsule";
@@ -61,8 +67,9 @@ pub struct HypervisorSection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VirtiofsdSection {
-    /// virtiofsd binary: a path, or a name looked up in PATH (and the usual
-    /// install locations).
+    /// virtiofsd binary: a path, or a name looked up in
+    /// `<prefix>/libexec/capsule`, PATH and the usual install locations;
+    /// only a virtiofsd capsule can drive is taken (see `config::virtiofsd`).
     pub path: PathBuf,
     /// virtiofsd's own sandbox: namespace, chroot or none.
     pub sandbox: VirtiofsdSandbox,
@@ -451,20 +458,6 @@ pub fn find_binary(bin: &Path, extra: &[PathBuf]) -> Option<PathBuf> {
         .chain(extra.iter().cloned())
         .map(|d| d.join(bin))
         .find(|p| p.is_file())
-}
-
-/// Where virtiofsd is usually installed besides PATH.
-pub fn virtiofsd_locations() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = vec![
-        "/usr/local/bin".into(),
-        "/usr/libexec".into(),
-        "/usr/lib/qemu".into(),
-    ];
-    if let Some(home) = std::env::var_os("HOME") {
-        v.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    v.push("/root/.cargo/bin".into());
-    v
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! End-to-end harness: a private containerd 1.6 (its own root, state,
-//! socket and config; the capsule runtime resolved through a private PATH
-//! entry), a busybox OCI image built by hand from the host's busybox-static
+//! End-to-end harness: a private containerd (1.6, 1.7 or 2.1:
+//! `CAPSULE_CONTAINERD`, see [`containerd`]; its own root, state, socket and
+//! config; the capsule runtime resolved through a private PATH entry), a busybox OCI image built by hand from the host's busybox-static
 //! and imported with `ctr`, `ctr` invocations with deadlines, loop devices,
 //! and leak checks (QEMU/virtiofsd processes, mounts, state files).
 //!
@@ -14,6 +14,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+pub mod containerd;
+pub use containerd::{Containerd, Version as ContainerdVersion};
 
 pub const RUNTIME: &str = "io.containerd.capsule.v2";
 pub const IMAGE: &str = "docker.io/library/capsule-busybox:latest";
@@ -52,6 +55,8 @@ pub struct Ready {
     pub image_tar: PathBuf,
     /// The image's filesystem, unpacked (for `ctr run --config`).
     pub rootfs_dir: PathBuf,
+    /// The containerd of `CAPSULE_CONTAINERD`.
+    pub containerd: &'static Containerd,
 }
 
 fn which(name: &str, extra: &[PathBuf]) -> Option<PathBuf> {
@@ -80,9 +85,8 @@ fn ready() -> Result<Ready> {
             initramfs.display()
         );
     }
+    let containerd = Containerd::selected()?;
     for tool in [
-        "containerd",
-        "ctr",
         "qemu-system-x86_64",
         "losetup",
         "script",
@@ -92,14 +96,12 @@ fn ready() -> Result<Ready> {
         which(tool, &[])
             .ok_or_else(|| anyhow!("{tool} not found in PATH (scripts/install-deps.sh)"))?;
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let virtiofsd = which(
-        "virtiofsd",
-        &[home.join(".cargo/bin"), "/usr/libexec".into()],
-    )
-    .ok_or_else(|| anyhow!("virtiofsd not found (cargo install virtiofsd)"))?;
+    // capsule's own lookup: a virtiofsd it can drive (not QEMU's C one).
+    let virtiofsd = capsule_shim::config::find_virtiofsd(Path::new("virtiofsd"), false);
+    let virtiofsd = match virtiofsd.found {
+        Some(v) => v.path,
+        None => bail!("{}", virtiofsd.error(Path::new("virtiofsd"))),
+    };
     // The shim binaries: built here, as `cargo test -p capsule-tests` builds
     // only the library of capsule-shim.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -122,6 +124,7 @@ fn ready() -> Result<Ready> {
         initramfs,
         virtiofsd,
         image_tar,
+        containerd,
     })
 }
 
@@ -331,6 +334,16 @@ pub struct CapsuleOptions {
     /// inside this network namespace (`nsenter --net`; `ip netns exec`
     /// would hide the cgroup mounts).
     pub netns: Option<PathBuf>,
+    /// containerd runs in a service manager's minimal environment, as on a
+    /// node: `env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin` (no HOME, no
+    /// CAPSULE_CONFIG, no private PATH entry for the shim) plus
+    /// `containerd_env`. Tests then name the runtime by the shim's absolute
+    /// path ([`Env::runtime`]) and the config by `--runtime-config-path`.
+    pub service_env: bool,
+    /// `[virtiofsd] path`: the harness's absolute path when `None`.
+    pub virtiofsd: Option<String>,
+    /// Where `vmlinuz` and `initramfs.img` are: the built guest when `None`.
+    pub guest_dir: Option<PathBuf>,
 }
 
 impl Default for CapsuleOptions {
@@ -343,6 +356,9 @@ impl Default for CapsuleOptions {
             release: false,
             memory_mib: 256,
             netns: None,
+            service_env: false,
+            virtiofsd: None,
+            guest_dir: None,
         }
     }
 }
@@ -385,9 +401,18 @@ pub struct Env {
     containerd_env: Vec<(String, String)>,
     /// The network namespace containerd and ctr run in.
     pub netns: Option<PathBuf>,
+    service_env: bool,
     containerd: Option<Child>,
     loops: Vec<String>,
     pub ready: &'static Ready,
+    /// The containerd binaries this environment runs.
+    pub daemon: &'static Containerd,
+    /// The runtime `run` asks for: [`RUNTIME`], or a shim's absolute path.
+    pub runtime: String,
+    /// containerd log errors a test provokes on purpose (substrings).
+    allowed_log_errors: Vec<String>,
+    /// The log errors were reported already (by `assert_clean`).
+    log_errors_reported: std::cell::Cell<bool>,
     /// Dead sockets in containerd's shim socket directory before this
     /// environment started (not ours to report).
     sockets_before: Vec<PathBuf>,
@@ -417,32 +442,20 @@ impl Env {
             capsule_cli,
             containerd_env: opts.containerd_env.clone(),
             netns: opts.netns.clone(),
+            service_env: opts.service_env,
             containerd: None,
             loops: Vec::new(),
             ready,
+            daemon: ready.containerd,
+            runtime: RUNTIME.into(),
+            allowed_log_errors: Vec::new(),
+            log_errors_reported: std::cell::Cell::new(false),
             dir,
             sockets_before: dead_shim_sockets(),
         };
         env.write_capsule_config(&env.config_path.clone(), &opts)?;
         let d = env.dir.path().to_path_buf();
-        let cfg = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.opt", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-  level = "debug"
-[metrics]
-  address = ""
-"#,
-            d = d.display()
-        );
-        std::fs::write(d.join("containerd.toml"), cfg)?;
+        std::fs::write(d.join("containerd.toml"), env.daemon.config(&d))?;
         env.spawn_containerd()?;
         let o = env.ctr(&["images", "import", &ready.image_tar.display().to_string()])?;
         if !o.status.success() {
@@ -470,6 +483,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .iter()
             .map(|(k, v)| format!("{k} = {v:?}\n"))
             .collect();
+        let (kernel, initramfs) = match &opts.guest_dir {
+            Some(d) => (d.join("vmlinuz"), d.join("initramfs.img")),
+            None => (self.ready.kernel.clone(), self.ready.initramfs.clone()),
+        };
         let text = format!(
             r#"state_dir = "{state}"
 log_level = "debug"
@@ -489,12 +506,61 @@ path = "{virtiofsd}"
             memory = opts.memory_mib,
             state = self.state_dir.display(),
             driver = opts.block_device_driver,
-            kernel = self.ready.kernel.display(),
-            initramfs = self.ready.initramfs.display(),
-            virtiofsd = self.ready.virtiofsd.display(),
+            kernel = kernel.display(),
+            initramfs = initramfs.display(),
+            virtiofsd = opts.virtiofsd.clone().unwrap_or_else(|| self
+                .ready
+                .virtiofsd
+                .display()
+                .to_string()),
         );
         std::fs::write(path, text)?;
         Ok(())
+    }
+
+    /// The running containerd's pid.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.containerd.as_ref().map(Child::id)
+    }
+
+    /// The `ctr` matching this environment's containerd.
+    pub fn ctr_path(&self) -> &Path {
+        &self.daemon.ctr
+    }
+
+    /// Accepts containerd log errors containing `needle` (a test provokes
+    /// them on purpose).
+    pub fn allow_log_error(&mut self, needle: &str) {
+        self.allowed_log_errors.push(needle.to_string());
+    }
+
+    /// containerd log lines at `level=error` about capsule or its shim that
+    /// no [`allow_log_error`](Self::allow_log_error) accepts.
+    pub fn log_errors(&self) -> Vec<String> {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        containerd::error_lines(&log, &self.allowed_log_errors)
+    }
+
+    fn log_errors_message(&self, errors: &[String]) -> String {
+        format!(
+            "containerd {} ({}) logged {} error line(s) about capsule:\n{}",
+            self.daemon.version.as_str(),
+            self.dir.path().join("containerd.log").display(),
+            errors.len(),
+            errors.join("\n")
+        )
+    }
+
+    /// Fails when containerd logged errors about capsule (see
+    /// [`log_errors`](Self::log_errors)).
+    pub fn assert_no_log_errors(&self) -> Result<()> {
+        let errors = self.log_errors();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        self.log_errors_reported.set(true);
+        bail!("{}", self.log_errors_message(&errors))
     }
 
     pub fn containerd_log_tail(&self) -> String {
@@ -508,7 +574,7 @@ path = "{virtiofsd}"
 
     /// `program`, run in the environment's network namespace when it has
     /// one.
-    pub fn in_netns(&self, program: &str) -> Command {
+    pub fn in_netns(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
@@ -520,7 +586,7 @@ path = "{virtiofsd}"
     }
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.in_netns("ctr");
+        let mut c = self.in_netns(&self.daemon.ctr);
         c.arg("--address")
             .arg(&self.sock)
             .args(["--namespace", NAMESPACE])
@@ -548,7 +614,7 @@ path = "{virtiofsd}"
 
     /// `ctr run --runtime io.containerd.capsule.v2 OPTS IMAGE ID CMD...`.
     pub fn run(&self, opts: &[&str], id: &str, cmd: &[&str]) -> Result<Output> {
-        let mut args = vec!["run", "--runtime", RUNTIME];
+        let mut args = vec!["run", "--runtime", self.runtime.as_str()];
         args.extend_from_slice(opts);
         args.push(IMAGE);
         args.push(id);
@@ -559,14 +625,14 @@ path = "{virtiofsd}"
     /// `ctr ... run` under `script`, which gives ctr a terminal (for `-t`).
     pub fn run_in_pty(&self, opts: &[&str], id: &str, cmd: &[&str]) -> Result<Output> {
         let mut words: Vec<String> = vec![
-            "ctr".into(),
+            self.daemon.ctr.display().to_string(),
             "--address".into(),
             self.sock.display().to_string(),
             "--namespace".into(),
             NAMESPACE.into(),
             "run".into(),
             "--runtime".into(),
-            RUNTIME.into(),
+            self.runtime.clone(),
         ];
         words.extend(opts.iter().map(|s| s.to_string()));
         words.push(IMAGE.into());
@@ -611,17 +677,20 @@ path = "{virtiofsd}"
             .create(true)
             .append(true)
             .open(d.join("containerd.log"))?;
-        let path = format!(
-            "{}:{}",
-            d.join("bin").display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = self
-            .in_netns("containerd")
-            .arg("--config")
-            .arg(d.join("containerd.toml"))
-            .env("PATH", path)
-            .env("CAPSULE_CONFIG", &self.config_path)
+        let mut cmd = self.in_netns(&self.daemon.containerd);
+        cmd.arg("--config").arg(d.join("containerd.toml"));
+        if self.service_env {
+            cmd.env_clear().env("PATH", SERVICE_PATH);
+        } else {
+            let path = format!(
+                "{}:{}",
+                d.join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            cmd.env("PATH", path)
+                .env("CAPSULE_CONFIG", &self.config_path);
+        }
+        let child = cmd
             .envs(self.containerd_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -734,7 +803,8 @@ path = "{virtiofsd}"
             last = self.leftovers();
             last.is_empty().then_some(())
         });
-        r.with_context(|| format!("leftovers: {last:#?}\n{}", self.containerd_log_tail()))
+        r.with_context(|| format!("leftovers: {last:#?}\n{}", self.containerd_log_tail()))?;
+        self.assert_no_log_errors()
     }
 
     /// The shim serving sandbox `id` (from its sandbox.json).
@@ -769,8 +839,19 @@ path = "{virtiofsd}"
     }
 }
 
+/// PATH of a service manager's minimal environment (what containerd gets
+/// from an init system that sets nothing else).
+pub const SERVICE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
 impl Drop for Env {
     fn drop(&mut self) {
+        // Errors logged during the test, before the cleanup below adds its
+        // own; reported once the cleanup is done.
+        let log_errors = if self.log_errors_reported.get() || std::thread::panicking() {
+            Vec::new()
+        } else {
+            self.log_errors()
+        };
         // CAPSULE_E2E_LOGS=DIR keeps every environment's containerd log
         // (the shim logs into it) for debugging.
         if let Some(keep) = std::env::var_os("CAPSULE_E2E_LOGS") {
@@ -830,6 +911,9 @@ impl Drop for Env {
         }
         for l in &self.loops {
             let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        if !log_errors.is_empty() {
+            panic!("{}", self.log_errors_message(&log_errors));
         }
     }
 }

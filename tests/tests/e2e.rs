@@ -1,7 +1,9 @@
-//! End-to-end: containerd 1.6 + containerd-shim-capsule-v2 + QEMU (TCG) +
-//! the guest agent. Each test runs its own private containerd; tests run one
-//! at a time (they boot VMs). They fail (never skip) when a prerequisite is
-//! missing, naming it.
+//! End-to-end: containerd + containerd-shim-capsule-v2 + QEMU (TCG) + the
+//! guest agent. Each test runs its own private containerd, of the version
+//! `CAPSULE_CONTAINERD` names (1.6 by default, 1.7, 2.1: `make test` runs
+//! this suite on each, see the Makefile); tests run one at a time (they boot
+//! VMs). They fail (never skip) when a prerequisite is missing, naming it,
+//! and when containerd logged an error about capsule.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -379,7 +381,7 @@ fn sigkill_of_the_shim_during_a_hotplug_is_cleaned_up() -> Result<()> {
     let _s = serial();
     let mut env = Env::start()?;
     let (dev, _file) = env.loop_device("hp", 16 << 20)?;
-    let mut cmd = Command::new("ctr");
+    let mut cmd = Command::new(env.ctr_path());
     cmd.arg("--address")
         .arg(&env.sock)
         .args([
@@ -439,7 +441,9 @@ fn sigkill_of_the_shim_during_a_hotplug_is_cleaned_up() -> Result<()> {
 
 /// A spec from `ctr oci spec` with `devices` and rules allowing them.
 fn spec_with_devices(env: &Env, devices: serde_json::Value) -> Result<PathBuf> {
-    let o = Command::new("ctr").args(["oci", "spec"]).output()?;
+    let o = Command::new(env.ctr_path())
+        .args(["oci", "spec"])
+        .output()?;
     let mut spec: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     spec["process"]["args"] = serde_json::json!(["true"]);
     spec["root"] = serde_json::json!({"path": env.ready.rootfs_dir, "readonly": true});
@@ -795,4 +799,181 @@ fn start_prints_only_the_address_and_groups_pods() -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// `start` as each containerd generation runs it, and `-info`: containerd
+/// 1.7 and 2.0–2.2 (`MAX_SHIM_VERSION=2`, runtime options on stdin) get JSON
+/// with version 2; containerd 2.3 (bootstrap params on stdin, TTRPC address
+/// and socket directory only there) gets a `BootstrapResult` and a socket in
+/// that directory; `-info` prints the runtime info protobuf.
+#[test]
+fn start_answers_each_daemon_in_its_form() -> Result<()> {
+    use capsule_shim::protos::bootstrap_api::{BootstrapParams, BootstrapResult, Extension};
+    use capsule_shim::protos::protobuf::well_known_types::any::Any;
+    use capsule_shim::protos::protobuf::Message;
+    use capsule_shim::protos::types::introspection::RuntimeInfo;
+    use std::io::Write;
+    let _s = serial();
+    let ready = capsule_tests::require_ready();
+    let dir = tempfile::Builder::new()
+        .prefix("cap-sd-")
+        .tempdir_in("/tmp")?;
+    let sock = dir.path().join("containerd.sock");
+    let ttrpc = dir.path().join("no-containerd.ttrpc");
+    let options = capsule_shim::service::options::encode("/etc/capsule/nowhere.toml");
+    let shim = |b: &Path, args: &[&str], env: &[(&str, &Path)], stdin: &[u8]| -> Result<_> {
+        let mut child = Command::new(&ready.shim)
+            .current_dir(b)
+            .env_remove("TTRPC_ADDRESS")
+            .envs(env.iter().copied())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(stdin)?;
+        Ok(child.wait_with_output()?)
+    };
+    let shutdown = |address: &str| -> Result<()> {
+        let path = PathBuf::from(address.trim_start_matches("unix://"));
+        let req = capsule_shim::protos::api::ShutdownRequest {
+            id: "x".into(),
+            ..Default::default()
+        };
+        let _ = capsule_tests::shim_call(
+            address,
+            "containerd.task.v3.Task",
+            "Shutdown",
+            req.write_to_bytes()?,
+        );
+        wait_for("the shim server to exit", Duration::from_secs(10), || {
+            (!path.exists()).then_some(())
+        })
+    };
+    let sock_s = sock.display().to_string();
+
+    // containerd 1.7 / 2.0–2.2.
+    let b = dir.path().join("j1");
+    std::fs::create_dir_all(&b)?;
+    let o = shim(
+        &b,
+        &[
+            "-namespace",
+            "sd",
+            "-address",
+            &sock_s,
+            "-id",
+            "j1",
+            "start",
+        ],
+        &[
+            ("TTRPC_ADDRESS", &ttrpc),
+            ("MAX_SHIM_VERSION", Path::new("2")),
+        ],
+        &options.write_to_bytes()?,
+    )?;
+    ensure!(o.status.success() && o.stderr.is_empty(), "{}", text(&o));
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| text(&o))?;
+    ensure!(
+        reply["version"] == 2 && reply["protocol"] == "ttrpc",
+        "{reply}"
+    );
+    let address = reply["address"].as_str().context("no address")?.to_string();
+    ensure!(address.starts_with("unix:///run/containerd/s/"), "{reply}");
+    ensure!(std::fs::read_to_string(b.join("address"))? == address);
+    shutdown(&address)?;
+
+    // containerd 2.3: everything in the bootstrap params.
+    let b = dir.path().join("p1");
+    let socket_dir = dir.path().join("s");
+    std::fs::create_dir_all(&b)?;
+    let params = BootstrapParams {
+        instance_id: "p1".into(),
+        namespace: "sd".into(),
+        containerd_version: "2.3.0".into(),
+        containerd_ttrpc_address: ttrpc.display().to_string(),
+        containerd_grpc_address: sock_s.clone(),
+        containerd_binary: "/usr/bin/containerd".into(),
+        socket_dir: Some(socket_dir.display().to_string()),
+        extensions: vec![Extension {
+            value: Some(options.clone()).into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let o = shim(
+        &b,
+        &[
+            "-namespace",
+            "sd",
+            "-address",
+            &sock_s,
+            "-id",
+            "p1",
+            "start",
+        ],
+        &[("MAX_SHIM_VERSION", Path::new("2"))],
+        &params.write_to_bytes()?,
+    )?;
+    ensure!(o.status.success() && o.stderr.is_empty(), "{}", text(&o));
+    let reply = BootstrapResult::parse_from_bytes(&o.stdout).with_context(|| text(&o))?;
+    ensure!(reply.version == 2 && reply.protocol == "ttrpc", "{reply:?}");
+    ensure!(
+        reply
+            .address
+            .starts_with(&format!("unix://{}/", socket_dir.display())),
+        "the socket is not in the requested directory: {reply:?}"
+    );
+    shutdown(&reply.address)?;
+
+    // -info, with and without options.
+    for stdin in [options.write_to_bytes()?, Vec::new()] {
+        let o = shim(dir.path(), &["-info"], &[], &stdin)?;
+        ensure!(o.status.success() && o.stderr.is_empty(), "{}", text(&o));
+        let info = RuntimeInfo::parse_from_bytes(&o.stdout).with_context(|| text(&o))?;
+        ensure!(info.name == capsule_tests::RUNTIME, "{info:?}");
+        ensure!(!info.version.version.is_empty(), "{info:?}");
+        ensure!(
+            info.features
+                .type_url
+                .ends_with("runtime-spec/1/features/Features"),
+            "{info:?}"
+        );
+        // The options are echoed when given, as runc's shim does.
+        let echoed: Option<&Any> = info.options.as_ref();
+        ensure!(echoed.is_some() != stdin.is_empty(), "{info:?}");
+    }
+    Ok(())
+}
+
+/// containerd 2.x asks the shim for its runtime info (`<shim> -info`) through
+/// its introspection service, which `ctr plugins inspect-runtime` calls.
+#[test]
+fn containerd_reads_the_runtime_info() -> Result<()> {
+    let _s = serial();
+    let version = capsule_tests::Containerd::selected()?.version;
+    if !version.is_2x() {
+        eprintln!(
+            "not applicable: containerd {} has no runtime introspection (`ctr plugins \
+             inspect-runtime` came with 2.0); start_answers_each_daemon_in_its_form runs `-info`",
+            version.as_str()
+        );
+        return Ok(());
+    }
+    let env = Env::start()?;
+    let cfg = env.config_path.display().to_string();
+    let out = env.ctr_ok(&[
+        "plugins",
+        "inspect-runtime",
+        "--runtime",
+        capsule_tests::RUNTIME,
+        "--runtime-config-path",
+        &cfg,
+    ])?;
+    eprintln!("{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(v["Name"] == capsule_tests::RUNTIME, "{out}");
+    ensure!(v["Features"]["ociVersionMin"] == "1.0.0", "{out}");
+    ensure!(out.contains(&cfg), "the options are not echoed: {out}");
+    env.assert_clean(CLEAN)
 }

@@ -133,10 +133,12 @@ fn finish(env: &Env, id: &str) -> Result<()> {
 fn qemu_killed_while_create_waits_for_the_agent() -> Result<()> {
     let _s = serial();
     let agent_connect = 120.0;
-    let env = Env::start_with(CapsuleOptions {
+    let mut env = Env::start_with(CapsuleOptions {
         timeouts: vec![("agent_connect".into(), agent_connect)],
         ..Default::default()
     })?;
+    // The shim logs the fault under test as an error.
+    env.allow_log_error("module=capsule_shim::sandbox::qemu::faults");
     let id = "qk1";
     let mut ctr = Bg::spawn(
         &env,
@@ -331,7 +333,9 @@ fn qemu_killed_during_a_device_hotplug() -> Result<()> {
         timeouts: vec![("qmp".into(), t), ("hotplug".into(), t)],
         ..Default::default()
     };
-    let env = Env::start_with(opts.clone())?;
+    let mut env = Env::start_with(opts.clone())?;
+    // The shim logs the fault under test as an error.
+    env.allow_log_error("module=capsule_shim::sandbox::qemu::faults");
     let (node, sock, cfg) = store_with(&env, &opts, "vub1", 1)?;
     let backend = HungBackend::start(&sock, true)?;
     let id = "qh1";
@@ -358,7 +362,9 @@ fn qemu_killed_during_a_device_hotplug() -> Result<()> {
 #[test]
 fn virtiofsd_killed_while_a_container_runs() -> Result<()> {
     let _s = serial();
-    let env = Env::start()?;
+    let mut env = Env::start()?;
+    // The shim logs the fault under test as an error.
+    env.allow_log_error("module=capsule_shim::sandbox::qemu::faults");
     let id = "vk1";
     let mut ctr = Bg::spawn(
         &env,

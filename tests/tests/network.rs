@@ -140,7 +140,7 @@ fn ctr_cni(env: &Env, node: &Netns, cni: &Cni, args: &[&str]) -> Result<Output> 
     let ctr: Vec<String> = [
         "nsenter".to_string(),
         format!("--net={}", node.path.display()),
-        "ctr".into(),
+        env.daemon.ctr.display().to_string(),
         "--address".into(),
         env.sock.display().to_string(),
         "--namespace".into(),

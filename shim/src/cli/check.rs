@@ -72,12 +72,20 @@ pub async fn run(a: &Args) -> Result<i32, String> {
             );
         }
     }
-    match crate::sandbox::virtiofsd::resolve(&config.virtiofsd.path) {
-        Ok(p) => match version(&p) {
-            Some(v) => out.ok("virtiofsd", format!("{} ({v})", p.display())),
-            None => out.ok("virtiofsd", p.display().to_string()),
-        },
-        Err(e) => out.fail("virtiofsd", e.to_string()),
+    // Every candidate is probed: which one the shim will start, and why the
+    // others (QEMU's legacy C virtiofsd…) are skipped.
+    let lookup = crate::config::find_virtiofsd(&config.virtiofsd.path, true);
+    match &lookup.found {
+        Some(v) => out.ok("virtiofsd", format!("{} ({})", v.path.display(), v.version)),
+        None => out.fail("virtiofsd", lookup.error(&config.virtiofsd.path)),
+    }
+    if lookup.found.is_some() {
+        for s in &lookup.skipped {
+            out.warn(
+                "virtiofsd",
+                format!("skipped {}: {}", s.path.display(), s.reason),
+            );
+        }
     }
 
     // KVM, for real: the hypervisor's KVM_RUN smoke test, then its boot

@@ -4,19 +4,15 @@ use std::time::{Duration, Instant};
 
 use capsule_hypervisor::process::{SpawnOptions, VmProcess};
 
-use crate::config::{find_binary, virtiofsd_locations, VirtiofsdSandbox};
+use crate::config::VirtiofsdSandbox;
 use crate::error::{Error, Result};
 
 /// How long virtiofsd may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The virtiofsd to start: one capsule can drive (`config::virtiofsd`).
 pub fn resolve(bin: &Path) -> Result<PathBuf> {
-    find_binary(bin, &virtiofsd_locations()).ok_or_else(|| {
-        Error::invalid(format!(
-            "virtiofsd {} not found (install it with `cargo install virtiofsd`, or set [virtiofsd] path)",
-            bin.display()
-        ))
-    })
+    crate::config::resolve_virtiofsd(bin).map_err(Error::invalid)
 }
 
 pub fn args(socket: &Path, shared: &Path, sandbox: VirtiofsdSandbox) -> Vec<String> {

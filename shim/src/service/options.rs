@@ -1,7 +1,8 @@
-//! Runtime options containerd passes with a task (CreateTaskRequest.options,
-//! also on stdin at `start`).
+//! Runtime options containerd passes with a task (CreateTaskRequest.options;
+//! at `start` on stdin up to containerd 2.2, in the bootstrap params'
+//! extensions from 2.3: see `bootstrap::protocol`).
 //!
-//! `ctr run --runtime-config-path P` (containerd 1.6) sends
+//! `ctr run --runtime-config-path P` (containerd 1.6 to 2.x alike) sends
 //! `runtimeoptions.v1.Options { type_url = 1; config_path = 2; }` for any
 //! runtime other than runc; Kata uses it for its configuration.toml, and so
 //! does capsule. Other option types (runc's `containerd.runc.v1.Options`)
@@ -46,18 +47,6 @@ pub fn encode(config_path: &str) -> Any {
     }
 }
 
-/// Reads runtime options from `start`'s stdin bytes, tolerating anything
-/// (containerd 2.3+ sends bootstrap params there instead).
-pub fn config_path_from_stdin(bytes: &[u8]) -> Option<PathBuf> {
-    if bytes.is_empty() {
-        return None;
-    }
-    Any::parse_from_bytes(bytes)
-        .ok()
-        .as_ref()
-        .and_then(config_path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,12 +61,7 @@ mod tests {
         let mut other = any.clone();
         other.type_url = "containerd.runc.v1.Options".into();
         assert_eq!(config_path(&other), None);
-        let bytes = any.write_to_bytes().unwrap();
-        assert_eq!(
-            config_path_from_stdin(&bytes),
-            Some("/etc/capsule/other.toml".into())
-        );
-        assert_eq!(config_path_from_stdin(b"\xff\xffgarbage"), None);
-        assert_eq!(config_path_from_stdin(b""), None);
+        // An empty config path is no config path.
+        assert_eq!(config_path(&encode("")), None);
     }
 }
