@@ -519,12 +519,14 @@ fn sigkill_of_the_shim_on_the_network_path_leaves_nothing() -> Result<()> {
     {
         let node = Netns::new(&format!("crash{i}"))?;
         let pod = PodNs::new(&format!("crash{i}-pod"), &node, 1500, 94)?;
-        let env = Env::start_with(CapsuleOptions {
+        let mut env = Env::start_with(CapsuleOptions {
             netns: Some(node.path.clone()),
             containerd_env: vec![("CAPSULE_FAULT".into(), phase.into())],
             ..CapsuleOptions::default()
         })?;
         let id = format!("crash{i}");
+        // containerd reports the dead shim: provoked on purpose.
+        env.allow_log_error(&id);
         let o = run_in_pod(&env, &pod.ns.path, &id, &["true"])?;
         ensure!(
             !o.status.success(),
@@ -546,7 +548,7 @@ fn sigkill_of_the_shim_on_the_network_path_leaves_nothing() -> Result<()> {
 fn hostile_namespaces_are_refused_naming_the_problem() -> Result<()> {
     let _s = serial();
     let node = Netns::new("bad")?;
-    let env = node_env(&node)?;
+    let mut env = node_env(&node)?;
     let empty = Netns::new("bad-empty")?;
     let fat = PodNs::new("bad-mtu", &node, 65535, 95)?;
     let not_ns = env.dir.path().join("not-a-netns");
@@ -563,6 +565,7 @@ fn hostile_namespaces_are_refused_naming_the_problem() -> Result<()> {
     ];
     for (tag, path, want) in cases {
         let id = format!("bad-{tag}");
+        env.allow_log_error(&id);
         let o = run_in_pod(&env, &path, &id, &["true"])?;
         ensure!(!o.status.success(), "{tag}: succeeded: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
@@ -581,7 +584,8 @@ fn hostile_namespaces_are_refused_naming_the_problem() -> Result<()> {
 #[test]
 fn host_network_is_refused_at_once() -> Result<()> {
     let _s = serial();
-    let env = Env::start()?;
+    let mut env = Env::start()?;
+    env.allow_log_error("hostnet1");
     let o = env.run(&["--rm", "--net-host"], "hostnet1", &["true"])?;
     ensure!(!o.status.success(), "host network ran: {}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
