@@ -8,9 +8,7 @@ use std::process::Command;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use anyhow::{anyhow, bail, Result};
 
 use capsule_device_api::AttachRequest;
 use capsule_device_api::{BlockDriver, DeviceKind};
@@ -262,92 +260,7 @@ impl Snapshot {
     }
 }
 
-/// The guest's command shell over the virtio-serial port.
-pub struct GuestShell {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    seq: u64,
-}
-
-impl GuestShell {
-    pub async fn connect(path: &Path) -> Result<Self> {
-        let mut stream = UnixStream::connect(path)
-            .await
-            .with_context(|| format!("connecting to the agent channel {}", path.display()))?;
-        // A lone newline ends any partial line an earlier client left.
-        stream.write_all(b"\n").await?;
-        let mut s = Self {
-            stream,
-            buf: Vec::new(),
-            seq: 0,
-        };
-        // The guest restarts its shell every 0.2 s while nobody is connected.
-        s.run_ok("true", Duration::from_secs(20)).await?;
-        Ok(s)
-    }
-
-    /// Runs `cmd`; returns (exit status, output).
-    pub async fn run(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String)> {
-        let tag = self.start(cmd).await?;
-        self.finish(&tag, cmd, timeout).await
-    }
-
-    /// Sends `cmd` without waiting; returns the tag for [`finish`](Self::finish).
-    pub async fn start(&mut self, cmd: &str) -> Result<String> {
-        self.seq += 1;
-        let tag = format!("{}_{}", std::process::id(), self.seq);
-        let line = format!("echo __BEGIN_{tag}__; {cmd}\necho __END_{tag}__ $?\n");
-        self.stream.write_all(line.as_bytes()).await?;
-        Ok(tag)
-    }
-
-    /// Waits for the command started as `tag`.
-    pub async fn finish(
-        &mut self,
-        tag: &str,
-        cmd: &str,
-        timeout: Duration,
-    ) -> Result<(i32, String)> {
-        let begin = format!("__BEGIN_{tag}__\n");
-        let end = format!("__END_{tag}__ ");
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let text = String::from_utf8_lossy(&self.buf).into_owned();
-            if let Some(b) = text.find(&begin) {
-                let body_start = b + begin.len();
-                if let Some(e) = text[body_start..].find(&end) {
-                    let after = &text[body_start + e + end.len()..];
-                    if let Some(nl) = after.find('\n') {
-                        let status: i32 = after[..nl].trim().parse().context("bad exit status")?;
-                        let body = text[body_start..body_start + e].to_owned();
-                        let consumed = body_start + e + end.len() + nl + 1;
-                        self.buf = text.as_bytes()[consumed..].to_vec();
-                        return Ok((status, body));
-                    }
-                }
-            }
-            let mut chunk = [0u8; 65536];
-            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
-                .await
-                .map_err(|_| {
-                    anyhow!("guest command {cmd:?} did not finish within {timeout:?}")
-                })??;
-            if n == 0 {
-                bail!("agent channel closed while running {cmd:?}");
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Runs `cmd`, requiring exit status 0; returns its output.
-    pub async fn run_ok(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
-        let (status, out) = self.run(cmd, timeout).await?;
-        if status != 0 {
-            bail!("guest command {cmd:?} exited {status}: {out}");
-        }
-        Ok(out)
-    }
-}
+pub use capsule_hypervisor::testkit::GuestShell;
 
 /// A request as the device manager would build it.
 pub fn request(id: &str, kind: DeviceKind, host_path: &Path) -> AttachRequest {
