@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod netfix;
+
 pub mod containerd;
 pub use containerd::{Containerd, Version as ContainerdVersion};
 

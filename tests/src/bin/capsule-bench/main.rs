@@ -4,7 +4,7 @@
 //!
 //!   CAPSULE_BENCH_ROUNDS=N     rounds per comparison (default 5)
 //!   CAPSULE_BENCH_ONLY=a,b     only these scenarios (coldstart, hotplug,
-//!                              memory, density, devmgr)
+//!                              memory, density, network, devmgr)
 //!   CAPSULE_BENCH_CRITERION_SINCE=FILE  devmgr results newer than FILE
 //!                              (scripts/bench.sh sets it; without it, any)
 //!
@@ -16,6 +16,7 @@ mod host;
 mod hotplug;
 mod memory;
 mod micro;
+mod network;
 mod report;
 mod stats;
 mod svg;
@@ -69,6 +70,9 @@ fn main() -> Result<()> {
     }
     if want("density") {
         figures.extend(density::run(&env, rounds)?);
+    }
+    if want("network") {
+        figures.extend(network::run(&env, rounds)?);
     }
     if want("devmgr") {
         figures.extend(micro::run(&target_dir().join("criterion"), since)?);

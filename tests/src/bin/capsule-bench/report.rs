@@ -51,6 +51,20 @@ impl Figure {
         self.ratios.push(r);
     }
 
+    /// Adds the ratio of the medians of `num` and `den`, which must be at
+    /// least `target_min`.
+    pub fn ratio_at_least(
+        &mut self,
+        name: &str,
+        num: &str,
+        den: &str,
+        target_min: f64,
+        note: &str,
+    ) {
+        let r = Ratio::at_least(name, self.median(num), self.median(den), target_min, note);
+        self.ratios.push(r);
+    }
+
     fn to_json(&self) -> Value {
         json!({"id": self.id, "title": self.title, "unit": self.unit, "method": self.method,
                "svg": format!("{}.svg", self.id),
@@ -85,9 +99,10 @@ impl Report {
             .figures
             .iter()
             .flat_map(|f| {
-                f.ratios.iter().filter(|r| r.target_max.is_some()).map(|r| {
+                f.ratios.iter().filter(|r| r.met().is_some()).map(|r| {
                     json!({"figure": f.id, "ratio": r.name, "value": r.value,
-                           "target_max": r.target_max, "met": r.met()})
+                           "target_max": r.target_max, "target_min": r.target_min,
+                           "met": r.met()})
                 })
             })
             .collect();
@@ -115,7 +130,11 @@ impl Report {
         s.push_str("\n## Headline\n\n| figure | ratio | value | target | verdict |\n|---|---|---|---|---|\n");
         for f in &self.figures {
             for r in &f.ratios {
-                let target = r.target_max.map(|t| format!("≤ {t}")).unwrap_or_default();
+                let target = match (r.target_max, r.target_min) {
+                    (Some(t), _) => format!("≤ {t}"),
+                    (None, Some(t)) => format!("≥ {t}"),
+                    (None, None) => String::new(),
+                };
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {} | {} |",
@@ -157,7 +176,11 @@ impl Report {
                     "\n| ratio | value | target | verdict | meaning |\n|---|---|---|---|---|\n",
                 );
                 for r in &f.ratios {
-                    let target = r.target_max.map(|t| format!("≤ {t}")).unwrap_or_default();
+                    let target = match (r.target_max, r.target_min) {
+                        (Some(t), _) => format!("≤ {t}"),
+                        (None, Some(t)) => format!("≥ {t}"),
+                        (None, None) => String::new(),
+                    };
                     let _ = writeln!(
                         s,
                         "| {} | {} | {} | {} | {} |",

@@ -67,12 +67,14 @@ impl Summary {
     }
 }
 
-/// A ratio of two medians, with its target (an upper bound) if it has one.
+/// A ratio of two medians, with its target (an upper or a lower bound) if
+/// it has one.
 #[derive(Debug, Clone)]
 pub struct Ratio {
     pub name: String,
     pub value: f64,
     pub target_max: Option<f64>,
+    pub target_min: Option<f64>,
     /// What the ratio means, in a few words.
     pub note: String,
 }
@@ -83,15 +85,28 @@ impl Ratio {
             name: name.into(),
             value: num / den,
             target_max,
+            target_min: None,
             note: note.into(),
+        }
+    }
+
+    /// A ratio that must be at least `target_min`.
+    pub fn at_least(name: &str, num: f64, den: f64, target_min: f64, note: &str) -> Self {
+        Self {
+            target_min: Some(target_min),
+            ..Self::new(name, num, den, None, note)
         }
     }
 
     /// `Some(met)` for a ratio with a target; a ratio that is not a
     /// positive number (a noisy difference gone negative) never meets it.
     pub fn met(&self) -> Option<bool> {
-        self.target_max
-            .map(|t| self.value.is_finite() && self.value > 0.0 && self.value <= t)
+        let ok = self.value.is_finite() && self.value > 0.0;
+        match (self.target_max, self.target_min) {
+            (Some(t), _) => Some(ok && self.value <= t),
+            (None, Some(t)) => Some(ok && self.value >= t),
+            (None, None) => None,
+        }
     }
 
     pub fn verdict(&self) -> &'static str {
@@ -104,7 +119,7 @@ impl Ratio {
 
     pub fn to_json(&self) -> Value {
         json!({"name": self.name, "value": self.value, "target_max": self.target_max,
-               "met": self.met(), "note": self.note})
+               "target_min": self.target_min, "met": self.met(), "note": self.note})
     }
 }
 

@@ -1,0 +1,286 @@
+//! Figure 6, pod networking: TCP throughput and HTTP request latency from
+//! the node to the same server (busybox httpd) in (A) a capsule container,
+//! (B) a runc container, (C) bare QEMU on the same tap + tc plumbing.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use capsule_device_api::{AttachRequest, DeviceBackend, DeviceKind};
+use capsule_hypervisor::testkit::GuestShell;
+use capsule_hypervisor::{QemuVm, VmBuilder};
+use capsule_shim::config::Config;
+use capsule_shim::sandbox::network::to_endpoint;
+use capsule_shim::state::SandboxPaths;
+use capsule_tests::netfix::{Netns, PodNs};
+use capsule_tests::{Env, IMAGE, RUNTIME};
+
+use crate::host::ctr;
+use crate::report::Figure;
+use crate::stats::Series;
+
+/// Size of the file fetched for throughput.
+const BIG_MIB: usize = 32;
+/// Requests per latency sample.
+const REQUESTS: usize = 50;
+const T: Duration = Duration::from_secs(300);
+
+const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest. The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms). Order per round: A, B, C; one warm-up of each first.";
+
+/// One HTTP/1.0 GET; returns the body length.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<usize> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut total = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf)? {
+            0 => return Ok(total),
+            n => total += n,
+        }
+    }
+}
+
+/// (throughput MB/s, median request latency ms) against `addr`, measured
+/// from inside `node`.
+fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<(f64, f64)> {
+    node.run_blocking(move || {
+        let t0 = Instant::now();
+        let n = get(addr, "/big")?;
+        let secs = t0.elapsed().as_secs_f64();
+        if n < BIG_MIB << 20 {
+            return Err(std::io::Error::other(format!(
+                "GET /big from {addr}: {n} bytes, expected at least {}",
+                BIG_MIB << 20
+            )));
+        }
+        let mut lat = Vec::with_capacity(REQUESTS);
+        for _ in 0..REQUESTS {
+            let t = Instant::now();
+            get(addr, "/small")?;
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        lat.sort_by(f64::total_cmp);
+        Ok((n as f64 / 1e6 / secs, lat[lat.len() / 2]))
+    })
+    .map_err(|e| anyhow!("measuring {addr}: {e}"))
+}
+
+fn serve_script() -> String {
+    format!(
+        "mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=1M count={BIG_MIB} 2>/dev/null && echo ok > /tmp/www/small && exec httpd -f -p 8080 -h /tmp/www"
+    )
+}
+
+/// A container serving the files in `pod`.
+fn container(env: &Env, runtime: &str, pod: &Path, id: &str) -> Result<()> {
+    let ns = format!("network:{}", pod.display());
+    let script = serve_script();
+    let o = capsule_tests::run_with_timeout(
+        ctr(
+            env,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                runtime,
+                "--with-ns",
+                &ns,
+                IMAGE,
+                id,
+                "sh",
+                "-c",
+                &script,
+            ],
+        ),
+        T,
+    )?;
+    ensure!(o.status.success(), "{id}: {}", capsule_tests::text(&o));
+    Ok(())
+}
+
+/// Bare QEMU: the hypervisor crate's launcher with the bench's VM
+/// configuration, the busybox test guest, and the pod's link plumbed as
+/// capsule plumbs it, cold-plugged.
+async fn bare_vm(env: &Env, pod: &Path, dir: &Path) -> Result<(QemuVm, GuestShell)> {
+    let config = Config::load_file(&env.config_path).map_err(|e| anyhow!("{e}"))?;
+    let paths = SandboxPaths::new(dir, "bare-net");
+    let mut vm =
+        capsule_shim::sandbox::qemu::vm_config(&config, &paths).map_err(|e| anyhow!("{e}"))?;
+    vm.run_dir = dir.join("vm");
+    vm.initrd = Some(env.ready.initramfs.with_file_name("initramfs-test.img"));
+    vm.netns = Some(pod.to_path_buf());
+    let links = capsule_network::endpoints(pod, Duration::from_secs(5)).await?;
+    let link = links.first().context("the bare pod has no link")?;
+    let record = capsule_network::plan(pod, link, 1)?;
+    let plumbed = capsule_network::plumb(
+        pod,
+        &link.name,
+        &capsule_network::PlumbOptions {
+            queues: 1,
+            timeout: Duration::from_secs(5),
+        },
+    )
+    .await?;
+    let builder = VmBuilder::new(vm)?;
+    builder
+        .taps()
+        .hand_over(&plumbed.record.tap, plumbed.queues);
+    let req = AttachRequest {
+        id: "net0".into(),
+        kind: DeviceKind::Network(to_endpoint(&record)),
+        host_path: pod.to_path_buf(),
+        read_only: false,
+        driver: None,
+        block_index: None,
+        drive_name: None,
+        scsi_addr: None,
+        pmem_index: None,
+        pci_slots: vec![6],
+    };
+    builder
+        .coldplug(&req)
+        .await
+        .map_err(|e| anyhow!("cold-plugging the bare VM's NIC: {e}"))?;
+    let qemu = builder.start().await?;
+    let mut sh = GuestShell::connect(&qemu.description().agent_socket).await?;
+    let ip = link
+        .addresses
+        .iter()
+        .find(|a| !a.link_local)
+        .map(|a| a.prefix.to_string())
+        .context("the bare pod's link has no address")?;
+    sh.run_ok(
+        &format!(
+            "i=$(for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = {mac} ] && basename $d; done); ip link set \"$i\" up && ip addr add {ip} dev \"$i\"",
+            mac = record.mac
+        ),
+        Duration::from_secs(30),
+    )
+    .await?;
+    sh.run_ok(
+        &format!("({}) >/dev/null 2>&1 &", serve_script()),
+        Duration::from_secs(60),
+    )
+    .await?;
+    Ok((qemu, sh))
+}
+
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::from(([10, n, 0, 2], 8080))
+}
+
+/// Waits until `a` answers from `node`.
+fn ready(node: &capsule_network::Netns, a: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if node.run_blocking(move || get(a, "/small")).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{a} did not answer within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
+    let node = Netns::new("bnode")?;
+    let pods = [
+        PodNs::new("bcap", &node, 1500, 81)?,
+        PodNs::new("brunc", &node, 1500, 82)?,
+        PodNs::new("bbare", &node, 1500, 83)?,
+    ];
+    let node_ns = capsule_network::Netns::open(&node.path)?;
+    container(env, RUNTIME, &pods[0].ns.path, "net-cap")?;
+    container(env, "io.containerd.runc.v2", &pods[1].ns.path, "net-runc")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = env.dir.path().join("bare-net");
+    std::fs::create_dir_all(&dir)?;
+    let (bare, _shell) = rt.block_on(bare_vm(env, &pods[2].ns.path, &dir))?;
+    let targets = [
+        ("capsule", addr(81)),
+        ("runc", addr(82)),
+        ("bare QEMU", addr(83)),
+    ];
+    for (_, a) in targets {
+        ready(&node_ns, a)?;
+    }
+    let mut tput: Vec<Series> = targets
+        .iter()
+        .map(|(n, _)| Series::new(format!("{n} throughput")))
+        .collect();
+    let mut lat: Vec<Series> = targets
+        .iter()
+        .map(|(n, _)| Series::new(format!("{n} latency")))
+        .collect();
+    for (_, a) in targets {
+        measure(&node_ns, a)?; // warm-up
+    }
+    for r in 0..rounds {
+        for (i, (name, a)) in targets.iter().enumerate() {
+            let (mbs, ms) = measure(&node_ns, *a)?;
+            tput[i].samples.push(mbs);
+            lat[i].samples.push(ms);
+            eprintln!("network round {r}: {name}: {mbs:.1} MB/s, {ms:.2} ms per request");
+        }
+    }
+    rt.block_on(bare.stop())?;
+    drop(rt);
+    for id in ["net-cap", "net-runc"] {
+        env.remove(id);
+    }
+    env.assert_clean(T)?;
+    for p in &pods {
+        p.assert_untouched()?;
+    }
+
+    let mut t = Figure::new(
+        "net-throughput",
+        "6a. Pod network throughput",
+        "MB/s",
+        METHOD,
+    );
+    t.series = tput;
+    t.ratio_at_least(
+        "capsule / bare QEMU",
+        "capsule throughput",
+        "bare QEMU throughput",
+        0.9,
+        "capsule's plumbing adds nothing",
+    );
+    t.ratio(
+        "capsule / runc",
+        "capsule throughput",
+        "runc throughput",
+        None,
+        "the price of the VM",
+    );
+    let mut l = Figure::new(
+        "net-latency",
+        "6b. Pod network request latency",
+        "ms",
+        METHOD,
+    );
+    l.series = lat;
+    l.ratio(
+        "capsule / bare QEMU",
+        "capsule latency",
+        "bare QEMU latency",
+        Some(1.1),
+        "capsule's plumbing adds nothing",
+    );
+    l.ratio(
+        "capsule / runc",
+        "capsule latency",
+        "runc latency",
+        None,
+        "the price of the VM",
+    );
+    Ok(vec![t, l])
+}
