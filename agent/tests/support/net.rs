@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use capsule_agent_protocol::agent::{Interface, IpFamily, Neighbour, Route, SetupNetworkRequest};
-use capsule_network::{Family, Netns, NetnsInfo, Plumbed};
+use capsule_agent_protocol::agent::SetupNetworkRequest;
+use capsule_network::{Netns, NetnsInfo, Plumbed};
 use serde_json::json;
 
 pub fn sh(cmd: &str, args: &[&str]) -> String {
@@ -129,51 +129,17 @@ impl PodNet {
     }
 }
 
-/// SetupNetwork for `link` of the discovered namespace: the link's
-/// non-link-local addresses, its routes but the IPv6 link-local prefix,
-/// its neighbours.
+/// SetupNetwork for `link` of the discovered namespace, built the way the
+/// shim builds it (`capsule_shim::sandbox::network::setup_request`).
 pub fn setup_request(info: &NetnsInfo, link: &str) -> SetupNetworkRequest {
     let l = info.link(link).expect("link in discovery");
-    let mut i = Interface::new();
-    i.name = l.name.clone();
-    i.mac = l.mac.expect("MAC").to_string();
-    i.mtu = l.mtu;
-    i.addresses = l
-        .addresses
-        .iter()
-        .filter(|a| !a.link_local)
-        .map(|a| a.prefix.to_string())
-        .collect();
-    let mut req = SetupNetworkRequest::new();
-    req.interfaces.push(i);
-    for r in info.routes_of(l) {
-        if r.destination.is_some_and(|d| match d.addr {
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-            IpAddr::V4(_) => false,
-        }) {
-            continue;
-        }
-        let mut m = Route::new();
-        m.destination = r.destination.map(|d| d.to_string()).unwrap_or_default();
-        m.gateway = r.gateway.map(|g| g.to_string()).unwrap_or_default();
-        m.device = l.name.clone();
-        m.source = r.source.map(|s| s.to_string()).unwrap_or_default();
-        m.scope = r.scope.raw().into();
-        m.family = match r.family {
-            Family::V4 => IpFamily::IP_FAMILY_V4,
-            Family::V6 => IpFamily::IP_FAMILY_V6,
-        }
-        .into();
-        m.metric = r.metric.unwrap_or(0);
-        req.routes.push(m);
-    }
-    for n in info.neighbours_of(l) {
-        let mut m = Neighbour::new();
-        m.ip = n.ip.to_string();
-        m.mac = n.mac.to_string();
-        m.device = l.name.clone();
-        req.neighbours.push(m);
-    }
+    let rec = capsule_network::plan(&info.netns, l, 1).expect("plan");
+    let plan = capsule_shim::sandbox::network::NetworkPlan {
+        info: info.clone(),
+        endpoints: vec![capsule_shim::sandbox::network::to_endpoint(&rec)],
+    };
+    let mut req = capsule_shim::sandbox::network::setup_request(&plan, Duration::ZERO);
+    req.timeout_ms = 0;
     req
 }
 
