@@ -21,8 +21,11 @@ deps:
 build: deps
 	$(CARGO) build --workspace --all-targets
 
-# Guest kernel + initramfs from Debian's linux-image-cloud-amd64 (cached):
-# target/guest/{vmlinuz, initramfs-test.img, initramfs.img (the static agent as /init)}.
+# Guest kernels + initramfs images (cached):
+# target/guest/{vmlinux, vmlinuz, initramfs-test.img, initramfs.img (the static
+# agent as /init)}: the capsule kernel, built once per machine from Debian's
+# linux-source-6.1 (guest/kernel/, cached in /var/cache/capsule/kernel);
+# target/guest/debian/{vmlinuz, initramfs*.img}: Debian's cloud kernel + modules.
 guest: deps
 	agent/build-static.sh
 

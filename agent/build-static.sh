@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the guest agent as a static binary and packs it as /init of
-# target/guest/initramfs.img (next to target/guest/vmlinuz).
+# target/guest/initramfs.img (next to the capsule kernel, target/guest/vmlinux
+# and vmlinuz) and of target/guest/debian/initramfs.img (Debian's kernel).
 #
 #   agent/build-static.sh [guest/build.sh options, e.g. --force]
 #

@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Build the capsule guest: kernel + initramfs images. See guest/README.md.
 #
-#   guest/build.sh [--init PATH_TO_AGENT_BINARY] [--force]
+#   guest/build.sh [--kernel capsule|debian|all] [--init PATH_TO_AGENT_BINARY] [--force]
 #
-# Outputs (in $CAPSULE_GUEST_OUT, default <repo>/target/guest):
-#   vmlinuz              Debian linux-image-*-cloud-amd64 kernel
-#   initramfs-test.img   busybox + modules + guest/test-init.sh as /init
-#   initramfs.img        same, with the --init binary as /init (only with --init)
-#   kernel-version       e.g. 6.1.0-56-cloud-amd64
-#   modules.list         modules in load order (== /etc/capsule/modules)
+# --kernel capsule: the capsule kernel (guest/kernel/build.sh: Debian's
+#   linux-source-6.1, everything built in, no modules). Outputs in $OUT:
+#     vmlinux              uncompressed ELF (PVH boot: qemu -kernel vmlinux)
+#     vmlinuz              the same kernel as a bzImage
+#     kernel.config        its .config
+#     initramfs-test.img   busybox + guest/test-init.sh as /init
+#     initramfs.img        same, with the --init binary as /init (only with --init)
+#     kernel-version       e.g. 6.1.192-capsule
+# --kernel debian: Debian's linux-image-*-cloud-amd64 and the modules of
+#   guest/modules.txt (loaded at boot). Outputs in $OUT:
+#     vmlinuz, initramfs-test.img, initramfs.img, kernel-version as above
+#     modules.list         modules in load order (== /etc/capsule/modules)
+# --kernel all (the default): capsule in $OUT, debian in $OUT/debian.
 #
 # Environment:
-#   CAPSULE_GUEST_OUT     output directory (default <repo>/target/guest)
+#   CAPSULE_GUEST_OUT     output directory $OUT (default <repo>/target/guest)
+#   CAPSULE_GUEST_KERNEL  default for --kernel (default all)
+#   CAPSULE_KERNEL_CACHE  the capsule kernel's cache (guest/kernel/build.sh)
 #   CAPSULE_KERNEL_META   kernel meta package (default linux-image-cloud-amd64)
 #   CAPSULE_KERNEL_DEB    use this kernel .deb instead of downloading one
 #   CAPSULE_BUSYBOX_DEB   use this busybox-static .deb instead of downloading one
@@ -35,8 +44,11 @@ usage() {
 
 INIT_BIN=
 FORCE=0
+FLAVOUR=${CAPSULE_GUEST_KERNEL:-all}
 while [ $# -gt 0 ]; do
     case $1 in
+        --kernel) [ $# -ge 2 ] || die "--kernel needs capsule, debian or all"; FLAVOUR=$2; shift 2 ;;
+        --kernel=*) FLAVOUR=${1#--kernel=}; shift ;;
         --init) [ $# -ge 2 ] || die "--init needs a path"; INIT_BIN=$2; shift 2 ;;
         --init=*) INIT_BIN=${1#--init=}; shift ;;
         --force) FORCE=1; shift ;;
@@ -48,6 +60,16 @@ if [ -n "$INIT_BIN" ]; then
     [ -f "$INIT_BIN" ] || die "--init: no such file: $INIT_BIN"
     INIT_BIN=$(readlink -f "$INIT_BIN")
 fi
+case $FLAVOUR in
+    capsule|debian) ;;
+    all)
+        # the default kernel in $OUT, the Debian fallback in $OUT/debian
+        args=(); [ -n "$INIT_BIN" ] && args+=(--init "$INIT_BIN"); [ "$FORCE" = 1 ] && args+=(--force)
+        CAPSULE_GUEST_OUT=$OUT "${BASH_SOURCE[0]}" --kernel capsule "${args[@]}"
+        CAPSULE_GUEST_OUT=$OUT/debian "${BASH_SOURCE[0]}" --kernel debian "${args[@]}"
+        exit 0 ;;
+    *) die "--kernel: expected capsule, debian or all, got '$FLAVOUR'" ;;
+esac
 
 # ---------------------------------------------------------------- host tools
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else die "need root to run: $*"; fi; }
@@ -68,6 +90,15 @@ for t in apt-get apt-cache dpkg-deb depmod modprobe cpio gzip sha256sum flock; d
     command -v "$t" >/dev/null 2>&1 || die "missing host tool: $t"
 done
 
+# the capsule kernel: built (or found in its cache) by guest/kernel/build.sh
+if [ "$FLAVOUR" = capsule ]; then
+    KDIR=$("$GUEST_DIR/kernel/build.sh") || die "building the capsule kernel failed"
+    for f in vmlinux bzImage config kernel-version; do
+        [ -s "$KDIR/$f" ] || die "guest/kernel/build.sh gave $KDIR without $f"
+    done
+    read -r KVER <"$KDIR/kernel-version"
+fi
+
 mkdir -p "$OUT" "$CACHE/debs"
 exec 9>"$OUT/.lock"
 flock 9
@@ -86,6 +117,11 @@ apt_update_once() {
 # apt-cache is slow (~1 s a call here), so the answer is cached, keyed by the
 # state of the apt lists: a no-op build does not call apt at all.
 resolve_once() {
+    if [ "$FLAVOUR" = capsule ]; then   # no kernel package: busybox only
+        apt-cache show --no-all-versions busybox-static 2>/dev/null \
+            | awk '/^Version: / { print "- -", $2; exit }'
+        return
+    fi
     apt-cache show --no-all-versions "$KERNEL_META" busybox-static 2>/dev/null | awk -v meta="$KERNEL_META" '
         /^Package: / { pkg = $2 }
         /^Version: / { ver[pkg] = $2 }
@@ -102,15 +138,15 @@ resolve_once() {
 }
 resolve_pkgs() {
     local key res=
-    key=$( { echo "$KERNEL_META"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha256sum | cut -c1-32)
+    key=$( { echo "$FLAVOUR $KERNEL_META"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha256sum | cut -c1-32)
     if [ -f "$CACHE/resolved" ] && [ "$(head -n1 "$CACHE/resolved")" = "$key" ]; then
         res=$(sed -n 2p "$CACHE/resolved")
     fi
     if [ -z "$res" ]; then
         res=$(resolve_once)
         [ -n "$res" ] || { apt_update_once; res=$(resolve_once); }
-        [ -n "$res" ] || die "cannot resolve $KERNEL_META / busybox-static from the apt lists"
-        key=$( { echo "$KERNEL_META"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha256sum | cut -c1-32)
+        [ -n "$res" ] || die "cannot resolve the packages ($FLAVOUR kernel: $KERNEL_META / busybox-static) from the apt lists"
+        key=$( { echo "$FLAVOUR $KERNEL_META"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha256sum | cut -c1-32)
         printf '%s\n%s\n' "$key" "$res" >"$CACHE/resolved.tmp" && mv -f "$CACHE/resolved.tmp" "$CACHE/resolved"
     fi
     read -r KPKG KVER_DEB BBVER <<<"$res"
@@ -132,7 +168,9 @@ fetch_deb() {
 }
 
 fetch_all() {
-    if [ -n "${CAPSULE_KERNEL_DEB:-}" ]; then
+    if [ "$FLAVOUR" = capsule ]; then
+        KERNEL_DEB=
+    elif [ -n "${CAPSULE_KERNEL_DEB:-}" ]; then
         KERNEL_DEB=$(readlink -f "$CAPSULE_KERNEL_DEB")
     else
         KERNEL_DEB=$(fetch_deb "$KPKG" "$KVER_DEB") || return 1
@@ -144,7 +182,9 @@ fetch_all() {
     fi
 }
 
-[ -z "${CAPSULE_KERNEL_DEB:-}" ] || [ -z "${CAPSULE_BUSYBOX_DEB:-}" ] && resolve_pkgs
+if { [ "$FLAVOUR" = debian ] && [ -z "${CAPSULE_KERNEL_DEB:-}" ]; } || [ -z "${CAPSULE_BUSYBOX_DEB:-}" ]; then
+    resolve_pkgs
+fi
 if ! fetch_all; then
     # stale apt lists (e.g. the security archive dropped the old kernel):
     # refresh them, resolve again, retry once
@@ -154,15 +194,21 @@ if ! fetch_all; then
     resolve_pkgs
     fetch_all || die "downloading the guest packages failed"
 fi
-[ -s "$KERNEL_DEB" ] || die "kernel deb missing: $KERNEL_DEB"
+[ "$FLAVOUR" = capsule ] || [ -s "$KERNEL_DEB" ] || die "kernel deb missing: $KERNEL_DEB"
 [ -s "$BUSYBOX_DEB" ] || die "busybox deb missing: $BUSYBOX_DEB"
 
 # ------------------------------------------------------------------ stamps
 h() { sha256sum "$1" | cut -d' ' -f1; }
+if [ "$FLAVOUR" = capsule ]; then
+    KERNEL_INPUTS="vmlinux $(h "$KDIR/vmlinux") $KDIR
+bzImage $(h "$KDIR/bzImage")"
+else
+    KERNEL_INPUTS="kernel.deb $(h "$KERNEL_DEB") $(basename "$KERNEL_DEB")
+modules.txt $(h "$GUEST_DIR/modules.txt")"
+fi
 BASE_INPUTS=$(cat <<EOF
-kernel.deb $(h "$KERNEL_DEB") $(basename "$KERNEL_DEB")
+$KERNEL_INPUTS
 busybox.deb $(h "$BUSYBOX_DEB") $(basename "$BUSYBOX_DEB")
-modules.txt $(h "$GUEST_DIR/modules.txt")
 helpers.sh $(h "$GUEST_DIR/helpers.sh")
 build.sh $(h "${BASH_SOURCE[0]}")
 EOF
@@ -181,18 +227,23 @@ stamp_ok() { # stamp_ok STAMPFILE CONTENT OUTPUTS...
 
 print_outputs() {
     local f
-    for f in vmlinuz initramfs-test.img initramfs.img kernel-version modules.list; do
+    for f in vmlinux vmlinuz initramfs-test.img initramfs.img kernel-version kernel.config modules.list; do
         [ -e "$OUT/$f" ] && printf '  %-50s %9s bytes\n' "$OUT/$f" "$(stat -c %s "$OUT/$f")"
     done
+    return 0
 }
 
-TEST_OUTS=(vmlinuz kernel-version modules.list initramfs-test.img)
+if [ "$FLAVOUR" = capsule ]; then
+    TEST_OUTS=(vmlinux vmlinuz kernel.config kernel-version initramfs-test.img)
+else
+    TEST_OUTS=(vmlinuz kernel-version modules.list initramfs-test.img)
+fi
 build_test=1 build_agent=0
 [ "$FORCE" = 0 ] && stamp_ok "$OUT/.stamp-test" "$TEST_STAMP" "${TEST_OUTS[@]}" && build_test=0
 if [ -n "$INIT_BIN" ]; then
     build_agent=1
     [ "$FORCE" = 0 ] && stamp_ok "$OUT/.stamp-agent" "$AGENT_STAMP" initramfs.img && build_agent=0
-elif [ -f "$OUT/.stamp-agent" ] && [ "$(head -n5 "$OUT/.stamp-agent")" != "$BASE_INPUTS" ]; then
+elif [ -f "$OUT/.stamp-agent" ] && [ "$(head -n "$(wc -l <<<"$BASE_INPUTS")" "$OUT/.stamp-agent")" != "$BASE_INPUTS" ]; then
     # the agent image was built from another kernel/modules: it no longer
     # matches vmlinuz, so drop it rather than leave a stale image around
     note "removing stale $OUT/initramfs.img (kernel/modules changed; rebuild with --init)"
@@ -209,64 +260,15 @@ fi
 TMP=$(mktemp -d "$OUT/.tmp.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 
-# kernel tree: extracted once per .deb into the cache (with a full depmod,
-# used only to resolve dependencies)
-KTREE="$CACHE/kernel-$(h "$KERNEL_DEB" | cut -c1-16)"
-if [ ! -f "$KTREE/.complete" ]; then
-    note "extracting $(basename "$KERNEL_DEB")"
-    rm -rf "$KTREE" "$KTREE.tmp"
-    mkdir -p "$KTREE.tmp"
-    dpkg-deb -x "$KERNEL_DEB" "$KTREE.tmp"
-    touch "$KTREE.tmp/.complete"
-    mv "$KTREE.tmp" "$KTREE"
-fi
-KMODROOT=
-for d in "$KTREE/lib/modules" "$KTREE/usr/lib/modules"; do
-    [ -d "$d" ] && KMODROOT=$d
-done
-[ -n "$KMODROOT" ] || die "no lib/modules in $KERNEL_DEB"
-mapfile -t kvers < <(ls "$KMODROOT")
-[ ${#kvers[@]} = 1 ] || die "expected exactly one kernel version in $KERNEL_DEB, got: ${kvers[*]}"
-KVER=${kvers[0]}
-VMLINUZ=
-for f in "$KTREE/boot/vmlinuz-$KVER" "$KTREE/usr/lib/modules/$KVER/vmlinuz" "$KTREE/lib/modules/$KVER/vmlinuz"; do
-    [ -f "$f" ] && { VMLINUZ=$f; break; }
-done
-[ -n "$VMLINUZ" ] || die "no vmlinuz for $KVER in $KERNEL_DEB"
-KBASE=${KMODROOT%/lib/modules}
-[ -f "$KMODROOT/$KVER/modules.dep" ] || depmod -b "$KBASE" "$KVER"
-
 # busybox
 mkdir -p "$TMP/bb"
 dpkg-deb -x "$BUSYBOX_DEB" "$TMP/bb"
 BUSYBOX="$TMP/bb/bin/busybox"
 [ -x "$BUSYBOX" ] || die "no bin/busybox in $BUSYBOX_DEB"
 
-# resolve the module list (dependencies first, each module once)
-declare -A seen=()
-order=() modfiles=()
-while read -r line; do
-    m=${line%%#*}; m=${m//[[:space:]]/}; m=${m//-/_}
-    [ -n "$m" ] || continue
-    deps=$(modprobe -C /dev/null -d "$KBASE" -S "$KVER" --show-depends "$m" 2>&1) \
-        || die "module $m not found in $KVER: $deps"
-    while read -r kind path _; do
-        case $kind in
-            builtin) note "$m is built into $KVER: skipped" ;;
-            insmod)
-                name=$(basename "$path"); name=${name%%.ko*}; name=${name//-/_}
-                if [ -z "${seen[$name]:-}" ]; then
-                    seen[$name]=1; order+=("$name"); modfiles+=("$path")
-                fi ;;
-            *) die "unexpected modprobe output for $m: $kind $path" ;;
-        esac
-    done <<<"$deps"
-done <"$GUEST_DIR/modules.txt"
-[ ${#order[@]} -gt 0 ] || die "no modules resolved from guest/modules.txt"
-
 # the common root filesystem
 R="$TMP/root"
-mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,mnt,root,etc/capsule,lib/modules/"$KVER"}
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,mnt,root,etc/capsule}
 chmod 1777 "$R/tmp"
 chmod 0700 "$R/root"
 install -m 0755 "$BUSYBOX" "$R/bin/busybox"
@@ -275,36 +277,97 @@ while read -r applet; do
     mkdir -p "$R/$(dirname "$applet")"
     ln -sf /bin/busybox "$R/$applet"
 done < <("$BUSYBOX" --list-full)
-
-for i in "${!modfiles[@]}"; do
-    src=${modfiles[$i]}
-    rel=${src#"$KMODROOT/$KVER/"}
-    dst="$R/lib/modules/$KVER/${rel%%.ko*}.ko"
-    mkdir -p "$(dirname "$dst")"
-    case $src in   # ship plain .ko: no need for decompression support in the guest
-        *.ko) cp "$src" "$dst" ;;
-        *.ko.xz) xz -dc "$src" >"$dst" ;;
-        *.ko.zst) zstd -qdc "$src" >"$dst" ;;
-        *.ko.gz) gzip -dc "$src" >"$dst" ;;
-        *) die "unknown module file type: $src" ;;
-    esac
-done
-for f in modules.builtin modules.builtin.modinfo; do
-    [ -f "$KMODROOT/$KVER/$f" ] && cp "$KMODROOT/$KVER/$f" "$R/lib/modules/$KVER/"
-done
-# modules.order restricted to the shipped modules (depmod uses it to sort aliases)
-(cd "$R/lib/modules/$KVER" && find kernel -name '*.ko' | sort) >"$TMP/shipped"
-if [ -f "$KMODROOT/$KVER/modules.order" ]; then
-    sed 's/\.ko\..*$/.ko/' "$KMODROOT/$KVER/modules.order" | grep -Fxf "$TMP/shipped" \
-        >"$R/lib/modules/$KVER/modules.order" || true
-else
-    cp "$TMP/shipped" "$R/lib/modules/$KVER/modules.order"
-fi
-depmod -b "$R" "$KVER"
-printf '%s\n' "${order[@]}" >"$R/etc/capsule/modules"
 install -m 0644 "$GUEST_DIR/helpers.sh" "$R/etc/capsule/helpers.sh"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$R/etc/passwd"
 printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$R/etc/group"
+
+# The Debian kernel: vmlinuz and the modules of modules.txt (plus their
+# dependencies) in $R/lib/modules, their load order in /etc/capsule/modules.
+# Sets KVER, VMLINUZ, KTREE, order.
+KTREE= order=()
+debian_kernel_and_modules() {
+    # kernel tree: extracted once per .deb into the cache (with a full depmod,
+    # used only to resolve dependencies)
+    KTREE="$CACHE/kernel-$(h "$KERNEL_DEB" | cut -c1-16)"
+    if [ ! -f "$KTREE/.complete" ]; then
+        note "extracting $(basename "$KERNEL_DEB")"
+        rm -rf "$KTREE" "$KTREE.tmp"
+        mkdir -p "$KTREE.tmp"
+        dpkg-deb -x "$KERNEL_DEB" "$KTREE.tmp"
+        touch "$KTREE.tmp/.complete"
+        mv "$KTREE.tmp" "$KTREE"
+    fi
+    local KMODROOT= d f
+    for d in "$KTREE/lib/modules" "$KTREE/usr/lib/modules"; do
+        [ -d "$d" ] && KMODROOT=$d
+    done
+    [ -n "$KMODROOT" ] || die "no lib/modules in $KERNEL_DEB"
+    local kvers
+    mapfile -t kvers < <(ls "$KMODROOT")
+    [ ${#kvers[@]} = 1 ] || die "expected exactly one kernel version in $KERNEL_DEB, got: ${kvers[*]}"
+    KVER=${kvers[0]}
+    VMLINUZ=
+    for f in "$KTREE/boot/vmlinuz-$KVER" "$KTREE/usr/lib/modules/$KVER/vmlinuz" "$KTREE/lib/modules/$KVER/vmlinuz"; do
+        [ -f "$f" ] && { VMLINUZ=$f; break; }
+    done
+    [ -n "$VMLINUZ" ] || die "no vmlinuz for $KVER in $KERNEL_DEB"
+    local KBASE=${KMODROOT%/lib/modules}
+    [ -f "$KMODROOT/$KVER/modules.dep" ] || depmod -b "$KBASE" "$KVER"
+
+    # resolve the module list (dependencies first, each module once)
+    local -A seen=()
+    local modfiles=() line m deps kind path name
+    while read -r line; do
+        m=${line%%#*}; m=${m//[[:space:]]/}; m=${m//-/_}
+        [ -n "$m" ] || continue
+        deps=$(modprobe -C /dev/null -d "$KBASE" -S "$KVER" --show-depends "$m" 2>&1) \
+            || die "module $m not found in $KVER: $deps"
+        while read -r kind path _; do
+            case $kind in
+                builtin) note "$m is built into $KVER: skipped" ;;
+                insmod)
+                    name=$(basename "$path"); name=${name%%.ko*}; name=${name//-/_}
+                    if [ -z "${seen[$name]:-}" ]; then
+                        seen[$name]=1; order+=("$name"); modfiles+=("$path")
+                    fi ;;
+                *) die "unexpected modprobe output for $m: $kind $path" ;;
+            esac
+        done <<<"$deps"
+    done <"$GUEST_DIR/modules.txt"
+    [ ${#order[@]} -gt 0 ] || die "no modules resolved from guest/modules.txt"
+
+    local src rel dst
+    mkdir -p "$R/lib/modules/$KVER"
+    for src in "${modfiles[@]}"; do
+        rel=${src#"$KMODROOT/$KVER/"}
+        dst="$R/lib/modules/$KVER/${rel%%.ko*}.ko"
+        mkdir -p "$(dirname "$dst")"
+        case $src in   # ship plain .ko: no need for decompression support in the guest
+            *.ko) cp "$src" "$dst" ;;
+            *.ko.xz) xz -dc "$src" >"$dst" ;;
+            *.ko.zst) zstd -qdc "$src" >"$dst" ;;
+            *.ko.gz) gzip -dc "$src" >"$dst" ;;
+            *) die "unknown module file type: $src" ;;
+        esac
+    done
+    for f in modules.builtin modules.builtin.modinfo; do
+        [ -f "$KMODROOT/$KVER/$f" ] && cp "$KMODROOT/$KVER/$f" "$R/lib/modules/$KVER/"
+    done
+    # modules.order restricted to the shipped modules (depmod uses it to sort aliases)
+    (cd "$R/lib/modules/$KVER" && find kernel -name '*.ko' | sort) >"$TMP/shipped"
+    if [ -f "$KMODROOT/$KVER/modules.order" ]; then
+        sed 's/\.ko\..*$/.ko/' "$KMODROOT/$KVER/modules.order" | grep -Fxf "$TMP/shipped" \
+            >"$R/lib/modules/$KVER/modules.order" || true
+    else
+        cp "$TMP/shipped" "$R/lib/modules/$KVER/modules.order"
+    fi
+    depmod -b "$R" "$KVER"
+    printf '%s\n' "${order[@]}" >"$R/etc/capsule/modules"
+}
+
+# The capsule kernel has everything built in: no /lib/modules, no
+# /etc/capsule/modules (the agent and test-init load nothing).
+[ "$FLAVOUR" = debian ] && debian_kernel_and_modules
 echo "$KVER" >"$R/etc/capsule/kernel-version"
 
 # newc entry for a character device: the kernel needs /dev/console in the
@@ -348,9 +411,17 @@ fi
 # install outputs (each rename is atomic; the stamp is written last)
 if [ "$build_test" = 1 ]; then
     rm -f "$OUT/.stamp-test"
-    install -m 0644 "$VMLINUZ" "$TMP/vmlinuz"
+    if [ "$FLAVOUR" = capsule ]; then
+        install -m 0644 "$KDIR/vmlinux" "$TMP/vmlinux"
+        install -m 0644 "$KDIR/bzImage" "$TMP/vmlinuz"
+        install -m 0644 "$KDIR/config" "$TMP/kernel.config"
+        rm -f "$OUT/modules.list"   # left by a Debian-kernel build in this directory
+    else
+        install -m 0644 "$VMLINUZ" "$TMP/vmlinuz"
+        cp "$R/etc/capsule/modules" "$TMP/modules.list"
+        rm -f "$OUT/vmlinux" "$OUT/kernel.config"
+    fi
     echo "$KVER" >"$TMP/kernel-version"
-    cp "$R/etc/capsule/modules" "$TMP/modules.list"
     for f in "${TEST_OUTS[@]}"; do mv -f "$TMP/$f" "$OUT/$f"; done
     printf '%s\n' "$TEST_STAMP" >"$TMP/stamp" && mv -f "$TMP/stamp" "$OUT/.stamp-test"
 fi
@@ -368,5 +439,9 @@ for d in "$CACHE"/kernel-*; do
     [ "$d" = "$KTREE" ] || rm -rf "$d"
 done
 
-echo "guest image built: kernel $KVER, ${#order[@]} modules ($OUT)"
+if [ "$FLAVOUR" = capsule ]; then
+    echo "guest image built: capsule kernel $KVER, no modules ($OUT)"
+else
+    echo "guest image built: Debian kernel $KVER, ${#order[@]} modules ($OUT)"
+fi
 print_outputs

@@ -1,20 +1,32 @@
 #!/usr/bin/env python3
 """Boot the capsule test guest under QEMU and check it end to end.
 
-    guest/smoke-test.py [--out DIR] [--accel tcg|kvm] [--keep]
+    guest/smoke-test.py [--out DIR] [--kernel FILE] [--accel tcg|kvm] [--keep]
 
 Needs qemu-system-x86_64 and the images from guest/build.sh (default
-target/guest). Checks: capsule.probe=1 powers off; boot to READY; command
-channel (run, disconnect, reconnect); modules loaded; QMP hotplug of a
-virtio-blk disk behind a PCI bridge and of a SCSI disk, found with the
-helpers in /etc/capsule/helpers.sh. Exit status 0 when everything passed.
+target/guest: the capsule kernel; target/guest/debian: the Debian kernel).
+--kernel picks the kernel file in DIR: vmlinuz (default, bzImage) or vmlinux
+(the capsule kernel's ELF, booted through PVH).
+Checks: capsule.probe=1 powers off; boot to READY; command channel (run,
+disconnect, reconnect); the drivers and filesystems capsule needs are there
+(built in, or loaded from /etc/capsule/modules); QMP hotplug of a virtio-blk
+disk behind a PCI bridge and of a SCSI disk, found with the helpers in
+/etc/capsule/helpers.sh. Exit status 0 when everything passed.
 """
 import argparse, json, os, re, shutil, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ["virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "virtio_console",
-            "vmw_vsock_virtio_transport", "virtiofs", "fuse", "overlay", "nd_pmem",
-            "nfit", "virtio_rng"]
+# What capsule needs from the guest kernel, as the guest shows it: a driver
+# registered on its bus, or a filesystem in /proc/filesystems. The same
+# whether built in (capsule kernel) or loaded as a module (Debian kernel).
+REQUIRED_DRIVERS = [
+    "pci/drivers/virtio-pci", "platform/drivers/virtio-mmio",
+    "virtio/drivers/virtio_blk", "virtio/drivers/virtio_scsi", "scsi/drivers/sd",
+    "virtio/drivers/virtio_console", "virtio/drivers/vmw_vsock_virtio_transport",
+    "virtio/drivers/virtiofs", "virtio/drivers/virtio_rng",
+    "acpi/drivers/nfit", "nd/drivers/nd_pmem",
+]
+REQUIRED_FS = ["fuse", "virtiofs", "overlay", "ext4", "tmpfs", "devtmpfs", "cgroup2"]
 failures = []
 
 
@@ -27,7 +39,7 @@ def check(ok, what):
 def qemu_base(args, tmp, log, append):
     return ["qemu-system-x86_64", "-accel", args.accel, "-m", "512", "-nodefaults",
             "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", os.path.join(args.out, "vmlinuz"),
+            "-kernel", os.path.join(args.out, args.kernel),
             "-initrd", os.path.join(args.out, "initramfs-test.img"),
             "-append", "console=ttyS0 panic=-1 quiet " + append,
             "-serial", "file:" + log]
@@ -100,6 +112,7 @@ class Qmp:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("CAPSULE_GUEST_OUT", os.path.join(ROOT, "target/guest")))
+    ap.add_argument("--kernel", default="vmlinuz", help="kernel file in --out (vmlinuz or vmlinux)")
     ap.add_argument("--accel", default="tcg")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args()
@@ -144,10 +157,15 @@ def main():
         ch = Channel(agent)
         rc, out = ch.run("uname -r")
         check(rc == 0 and out.strip() == kver, "channel: uname -r = %s" % out.strip())
-        rc, out = ch.run("cut -d' ' -f1 /proc/modules")
-        loaded = set(out.split())
-        missing = [m for m in REQUIRED if m not in loaded]
-        check(not missing, "modules loaded (missing: %s)" % (missing or "none"))
+        rc, out = ch.run("for d in %s; do [ -d /sys/bus/$d ] || echo $d; done"
+                         % " ".join(REQUIRED_DRIVERS))
+        missing = out.split()
+        rc, out = ch.run("cat /proc/filesystems")
+        have = {line.split()[-1] for line in out.splitlines() if line.strip()}
+        missing += ["fs:" + f for f in REQUIRED_FS if f not in have]
+        check(not missing, "drivers and filesystems present (missing: %s)" % (missing or "none"))
+        rc, out = ch.run("[ -e /dev/loop-control ] && [ -d /proc/sys/net/ipv6 ] && [ -e /proc/self/ns/cgroup ]")
+        check(rc == 0, "loop, IPv6, cgroup namespaces present")
         rc, out = ch.run("false")
         check(rc == 1, "exit status is reported")
         rc, out = ch.run("echo to-stderr >&2")

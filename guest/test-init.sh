@@ -34,12 +34,15 @@ case " $cmdline " in
         ;;
 esac
 
-# 2. modules, in the order of /etc/capsule/modules
+# 2. modules, in the order of /etc/capsule/modules (none with the capsule
+# kernel: everything is built in and the file is absent)
 read -r t_init _ </proc/uptime
-while read -r m _; do
-    case $m in ''|'#'*) continue ;; esac
-    modprobe "$m" || log "modprobe $m failed"
-done </etc/capsule/modules
+if [ -f /etc/capsule/modules ]; then
+    while read -r m _; do
+        case $m in ''|'#'*) continue ;; esac
+        modprobe "$m" || log "modprobe $m failed"
+    done </etc/capsule/modules
+fi
 
 # 5a. find and open the command channel before announcing READY, so that
 # nothing the host sends after READY is dropped (virtio-serial discards data
@@ -68,7 +71,7 @@ echo "kernel: $(uname -r)"
 echo "cmdline: $cmdline"
 read -r t_ready _ </proc/uptime
 echo "uptime: init=${t_init}s ready=${t_ready}s"
-echo "modules: $(while read -r m _; do printf '%s ' "$m"; done </proc/modules)"
+[ -r /proc/modules ] && echo "modules: $(while read -r m _; do printf '%s ' "$m"; done </proc/modules)"
 for b in /sys/block/*; do
     [ -e "$b" ] || continue
     size=0; [ -r "$b/size" ] && read -r size <"$b/size"
@@ -84,6 +87,11 @@ for d in /sys/bus/pci/devices/*; do
 done
 echo "channel: ${CHANNEL:-none}"
 echo "CAPSULE-TEST-INIT READY"
+# boot-time measurements (guest/kernel/measure-boot.sh): power off at READY,
+# like the agent's capsule.bench=ready-poweroff
+case " $cmdline " in
+    *" capsule.bench=ready-poweroff "*) poweroff -f ;;
+esac
 
 # 5b. command loop: a fresh sh per host connection. With no host connected the
 # port reads EOF at once, so sh exits and is restarted every 0.2 s.

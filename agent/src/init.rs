@@ -115,7 +115,9 @@ pub fn parse_modules_dep(dep: &str) -> HashMap<String, String> {
 pub fn load_modules() {
     let start = Instant::now();
     let Ok(list) = std::fs::read_to_string("/etc/capsule/modules") else {
-        tracing::info!("no /etc/capsule/modules: no modules to load");
+        tracing::info!(
+            "no /etc/capsule/modules: nothing to load (the kernel has its drivers built in)"
+        );
         return;
     };
     let release = nix::sys::utsname::uname()

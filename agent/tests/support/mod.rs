@@ -38,20 +38,31 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// The directory of the guest images the tests boot: `$CAPSULE_GUEST_OUT`,
+/// else `target/guest` (the capsule kernel; `target/guest/debian` holds the
+/// Debian-kernel fallback).
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("CAPSULE_GUEST_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/guest"))
+}
+
 /// Kernel and initramfs with the current agent. Runs `agent/build-static.sh`
-/// once per test binary (incremental: about a second when nothing changed),
-/// unless `CAPSULE_TEST_NO_BUILD=1`, in which case the images must exist.
+/// once per test binary (incremental: about a second when nothing changed;
+/// it builds both kernels' images under `target/guest`), unless
+/// `CAPSULE_TEST_NO_BUILD=1`, in which case the images must exist.
 pub fn guest_images() -> (PathBuf, PathBuf) {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let ws = workspace();
-    let kernel = ws.join("target/guest/vmlinuz");
-    let initrd = ws.join("target/guest/initramfs.img");
+    let kernel = guest_dir().join("vmlinuz");
+    let initrd = guest_dir().join("initramfs.img");
     let r = BUILT.get_or_init(|| {
         if std::env::var("CAPSULE_TEST_NO_BUILD").as_deref() == Ok("1") {
             return Ok(());
         }
         let out = Command::new(ws.join("agent/build-static.sh"))
             .current_dir(&ws)
+            .env_remove("CAPSULE_GUEST_OUT")
             .output()
             .map_err(|e| format!("running agent/build-static.sh: {e}"))?;
         if !out.status.success() {
