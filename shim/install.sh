@@ -2,7 +2,8 @@
 # Installs capsule on this host:
 #   /usr/local/bin/containerd-shim-capsule-v2, /usr/local/bin/capsule
 #   /usr/local/libexec/capsule/virtiofsd                (the Rust virtiofsd)
-#   /usr/local/share/capsule/{vmlinuz,initramfs.img}   (the guest)
+#   /usr/local/share/capsule/{vmlinux,initramfs.img}   (the guest)
+#   /usr/local/share/capsule/debian/{vmlinuz,initramfs.img} (the fallback kernel)
 #   /etc/capsule/configuration.toml                     (not overwritten)
 #
 #   shim/install.sh [--profile dist|release|debug] [--prefix /usr/local] [--destdir DIR]
@@ -16,7 +17,8 @@
 #
 # Needs the binaries built (shim/build-dist.sh for `dist`, what `make
 # install` ships; or cargo build [--release] -p capsule-shim) and the
-# guest image (agent/build-static.sh → target/guest/{vmlinuz,initramfs.img}).
+# guest images (agent/build-static.sh → target/guest/{vmlinux,initramfs.img},
+# target/guest/debian/{vmlinuz,initramfs.img}).
 # containerd finds the shim for runtime io.containerd.capsule.v2 on its PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +48,8 @@ confdir=$destdir/etc/capsule
 
 missing=0
 for f in "$bins/containerd-shim-capsule-v2" "$bins/capsule" \
-         "$target/guest/vmlinuz" "$target/guest/initramfs.img"; do
+         "$target/guest/vmlinux" "$target/guest/initramfs.img" \
+         "$target/guest/debian/vmlinuz" "$target/guest/debian/initramfs.img"; do
     if [ ! -f "$f" ]; then
         echo "install.sh: $f is missing" >&2
         missing=1
@@ -81,12 +84,17 @@ if [ -z "$virtiofsd" ] || ! rust_virtiofsd "$virtiofsd"; then
     exit 1
 fi
 
-install -d -m 0755 "$bindir" "$libexecdir" "$sharedir" "$confdir"
+install -d -m 0755 "$bindir" "$libexecdir" "$sharedir" "$sharedir/debian" "$confdir"
 install -m 0755 "$bins/containerd-shim-capsule-v2" "$bindir/"
 install -m 0755 "$bins/capsule" "$bindir/"
 install -m 0755 "$virtiofsd" "$libexecdir/virtiofsd"
-install -m 0644 "$target/guest/vmlinuz" "$sharedir/vmlinuz"
+# capsule's kernel as the uncompressed ELF (QEMU boots it through PVH), and
+# Debian's cloud kernel with its modules as the fallback
+# ([hypervisor] kernel/initramfs in the configuration).
+install -m 0644 "$target/guest/vmlinux" "$sharedir/vmlinux"
 install -m 0644 "$target/guest/initramfs.img" "$sharedir/initramfs.img"
+install -m 0644 "$target/guest/debian/vmlinuz" "$sharedir/debian/vmlinuz"
+install -m 0644 "$target/guest/debian/initramfs.img" "$sharedir/debian/initramfs.img"
 if [ -e "$confdir/configuration.toml" ]; then
     echo "install.sh: keeping the existing $confdir/configuration.toml"
 else

@@ -216,6 +216,15 @@ pub struct VmConfig {
     /// For tests: a runtime that must survive its own restart leaves it off.
     #[serde(default)]
     pub die_with_parent: bool,
+    /// TCG's translation cache, MiB (`-accel tcg,tb-size=`): what the boot
+    /// needs (about 30 MiB) with room, instead of QEMU's 1 GiB default, so a
+    /// long-lived guest's code cache cannot grow past it.
+    #[serde(default = "default_tb_size")]
+    pub tcg_tb_size_mib: u32,
+    /// A virtio-balloon with free page reporting: pages the guest frees go
+    /// back to the host (also with the shared memfd backend).
+    #[serde(default = "default_true")]
+    pub balloon: bool,
     /// Start QEMU in this network namespace (the pod's): QEMU needs no host
     /// network, and a task pid of QEMU's then names the pod's namespace.
     #[serde(default)]
@@ -241,6 +250,9 @@ fn default_memory() -> u64 {
 fn default_true() -> bool {
     true
 }
+fn default_tb_size() -> u32 {
+    64
+}
 
 impl VmConfig {
     /// A config with defaults for everything but the run directory.
@@ -265,6 +277,8 @@ impl VmConfig {
             timeouts: Timeouts::default(),
             die_with_parent: false,
             netns: None,
+            tcg_tb_size_mib: default_tb_size(),
+            balloon: true,
             seccomp_sandbox: true,
         }
     }

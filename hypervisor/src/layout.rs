@@ -4,11 +4,12 @@
 //! the slot the device manager allocated.
 //!
 //! - `pc`: slot 1 is the PIIX3; 2 = virtio-serial, 3 = virtio-scsi,
-//!   4 = vhost-vsock, 5 = virtio-rng; the device manager's slots are
-//!   [`PC_FIRST_DEVICE_SLOT`]..=[`PC_LAST_DEVICE_SLOT`] on `pci.0`.
-//! - `q35`: 2..=5 as above on `pcie.0`; root port `rpN` sits at slot
-//!   [`Q35_ROOT_PORT_BASE_SLOT`]` + N` and the device manager's "slot" N
-//!   means "behind `rpN`, device 0".
+//!   4 = vhost-vsock, 5 = virtio-rng, 31 = virtio-balloon; the device
+//!   manager's slots are [`PC_FIRST_DEVICE_SLOT`]..=[`PC_LAST_DEVICE_SLOT`]
+//!   on `pci.0`.
+//! - `q35`: 2..=5 as above on `pcie.0`, 6 = virtio-balloon; root port `rpN`
+//!   sits at slot [`Q35_ROOT_PORT_BASE_SLOT`]` + N` and the device
+//!   manager's "slot" N means "behind `rpN`, device 0".
 use serde::{Deserialize, Serialize};
 
 use capsule_device_api::{PciPath, PciSlot};
@@ -20,7 +21,11 @@ pub const SLOT_VIRTIO_SCSI: u8 = 3;
 pub const SLOT_VSOCK: u8 = 4;
 pub const SLOT_RNG: u8 = 5;
 pub const PC_FIRST_DEVICE_SLOT: u32 = 6;
-pub const PC_LAST_DEVICE_SLOT: u32 = 31;
+pub const PC_LAST_DEVICE_SLOT: u32 = 30;
+/// virtio-balloon (free page reporting) on `pc`.
+pub const PC_SLOT_BALLOON: u8 = 31;
+/// virtio-balloon on `q35`'s root bus (root ports start at 8).
+pub const Q35_SLOT_BALLOON: u8 = 6;
 pub const Q35_ROOT_PORT_BASE_SLOT: u8 = 8;
 /// Root ports fit in slots 0x08..=0x1e (0x1f is the ICH9 LPC/SATA/SMBus).
 pub const MAX_ROOT_PORTS: u32 = 0x1e - Q35_ROOT_PORT_BASE_SLOT as u32 + 1;
@@ -136,15 +141,18 @@ mod tests {
         );
         assert_eq!(
             layout(MachineType::Pc)
-                .pci_target(31)
+                .pci_target(30)
                 .unwrap()
                 .path
                 .to_string(),
-            "1f"
+            "1e"
         );
         assert!(layout(MachineType::Pc).pci_target(5).is_err());
-        assert_eq!(layout(MachineType::Pc).device_slot_range(), 6..32);
-        assert!(layout(MachineType::Pc).pci_target(32).is_err());
+        assert_eq!(layout(MachineType::Pc).device_slot_range(), 6..31);
+        assert!(
+            layout(MachineType::Pc).pci_target(31).is_err(),
+            "the balloon's"
+        );
     }
 
     #[test]

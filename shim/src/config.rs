@@ -24,7 +24,7 @@ pub use virtiofsd::{
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsule/configuration.toml";
 pub const CONFIG_ENV: &str = "CAPSULE_CONFIG";
 pub const DEFAULT_STATE_DIR: &str = "/run/capsule";
-pub const DEFAULT_KERNEL: &str = "/usr/local/share/capsule/vmlinuz";
+pub const DEFAULT_KERNEL: &str = "/usr/local/share/capsule/vmlinux";
 pub const DEFAULT_INITRAMFS: &str = "/usr/local/share/capsule/initramfs.img";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -73,7 +73,11 @@ fn ready() -> Result<Ready> {
     let guest = std::env::var_os("CAPSULE_GUEST_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| target_dir().join("guest"));
-    let kernel = guest.join("vmlinuz");
+    // capsule's kernel boots as the uncompressed ELF (PVH), as installed;
+    // Debian's fallback has only its bzImage.
+    let kernel = Some(guest.join("vmlinux"))
+        .filter(|k| k.is_file())
+        .unwrap_or_else(|| guest.join("vmlinuz"));
     let initramfs = guest.join("initramfs.img");
     if !kernel.is_file() {
         bail!(
@@ -486,7 +490,12 @@ impl Env {
             .map(|(k, v)| format!("{k} = {v:?}\n"))
             .collect();
         let (kernel, initramfs) = match &opts.guest_dir {
-            Some(d) => (d.join("vmlinuz"), d.join("initramfs.img")),
+            Some(d) => (
+                Some(d.join("vmlinux"))
+                    .filter(|k| k.is_file())
+                    .unwrap_or_else(|| d.join("vmlinuz")),
+                d.join("initramfs.img"),
+            ),
             None => (self.ready.kernel.clone(), self.ready.initramfs.clone()),
         };
         let text = format!(

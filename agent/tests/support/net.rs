@@ -146,7 +146,7 @@ pub fn setup_request(info: &NetnsInfo, link: &str) -> SetupNetworkRequest {
 /// Hot-plugs a virtio-net device backed by the plumbed tap's queues:
 /// `getfd` per queue, `netdev_add tap fds=a:b`, `device_add virtio-net-pci`
 /// with the pod link's MAC and MTU (mq + vectors = 2N+2 with N > 1). On
-/// `pc`, slot 0x1f of pci.0 (the last of the device manager's range, which
+/// `pc`, slot 0x1e of pci.0 (the last of the device manager's range, which
 /// these tests' managers never reach).
 pub async fn hotplug_nic(vm: &super::Vm, p: Plumbed, id: &str) {
     let qmp = vm.vm.qmp().await.expect("QMP");
@@ -173,7 +173,7 @@ pub async fn hotplug_nic(vm: &super::Vm, p: Plumbed, id: &str) {
         "mac": p.record.mac.to_string(),
         "host_mtu": p.record.mtu,
         "bus": "pci.0",
-        "addr": "0x1f",
+        "addr": "0x1e",
     });
     if n > 1 {
         dev["mq"] = json!(true);

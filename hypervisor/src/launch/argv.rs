@@ -4,7 +4,10 @@ use std::path::Path;
 
 use crate::config::{Accel, MachineType, VmConfig};
 use crate::hotplug::{DevicePlan, Step};
-use crate::layout::{root_port_slot, SLOT_RNG, SLOT_VIRTIO_SCSI, SLOT_VIRTIO_SERIAL, SLOT_VSOCK};
+use crate::layout::{
+    root_port_slot, PC_SLOT_BALLOON, Q35_SLOT_BALLOON, SLOT_RNG, SLOT_VIRTIO_SCSI,
+    SLOT_VIRTIO_SERIAL, SLOT_VSOCK,
+};
 
 /// Name of the virtio-serial port the guest agent listens on.
 pub const AGENT_PORT_NAME: &str = "agent.channel.0";
@@ -56,7 +59,11 @@ pub fn build_argv(input: &ArgvInput<'_>) -> Result<Vec<String>, String> {
         machine.push_str(",nvdimm=on");
     }
     push("-machine", machine);
-    push("-accel", input.accel.qemu_name().into());
+    let accel = match input.accel {
+        Accel::Tcg => format!("tcg,tb-size={}", cfg.tcg_tb_size_mib),
+        other => other.qemu_name().into(),
+    };
+    push("-accel", accel);
     if input.accel == Accel::Kvm {
         push("-cpu", "host".into());
     }
@@ -170,6 +177,18 @@ pub fn build_argv(input: &ArgvInput<'_>) -> Result<Vec<String>, String> {
             format!("virtio-rng-pci,id=rng0dev,rng=rng0,bus={root},addr={SLOT_RNG:#04x}"),
         );
     }
+    if cfg.balloon {
+        let slot = match cfg.machine {
+            MachineType::Pc => PC_SLOT_BALLOON,
+            MachineType::Q35 => Q35_SLOT_BALLOON,
+        };
+        push(
+            "-device",
+            format!(
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on,bus={root},addr={slot:#04x}"
+            ),
+        );
+    }
     for dev in input.coldplug {
         for step in &dev.plan.steps {
             match step {
@@ -239,7 +258,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(pairs(&a, "-machine"), ["pc,memory-backend=mem"]);
-        assert_eq!(pairs(&a, "-accel"), ["tcg"]);
+        assert_eq!(pairs(&a, "-accel"), ["tcg,tb-size=64"]);
         assert!(pairs(&a, "-cpu").is_empty());
         assert_eq!(pairs(&a, "-m"), ["256M"]);
         assert_eq!(
@@ -272,6 +291,7 @@ mod tests {
                 "virtserialport,bus=vser0.0,chardev=agent0,name=agent.channel.0",
                 "virtio-scsi-pci,id=scsi0,bus=pci.0,addr=0x03",
                 "virtio-rng-pci,id=rng0dev,rng=rng0,bus=pci.0,addr=0x05",
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on,bus=pci.0,addr=0x1f",
             ]
         );
         assert_eq!(pairs(&a, "-mon"), ["chardev=qmp0,mode=control"]);

@@ -40,8 +40,11 @@ mod faults;
 
 use agent_guest::AgentGuest;
 
-/// Kernel parameters always passed (before `kernel_params`).
-pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
+/// Kernel parameters always passed (before `kernel_params`). The TSC and
+/// timer words skip calibration and checks a VM does not need (measured:
+/// guest/kernel/measurements.md).
+pub const BASE_KERNEL_PARAMS: &str =
+    "console=ttyS0 panic=-1 quiet tsc=reliable no_timer_check noreplace-smp cryptomgr.notests";
 
 /// What the virtio-fs share is, as the device manager records its owner.
 const SHARE_PURPOSE: &str = "virtio-fs share";
