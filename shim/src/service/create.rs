@@ -273,7 +273,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         Some(a) => a.oom.clone(),
         None => super::oom::OomEvents::new(sb.clone(), inner.events.clone()),
     };
-    let init = Process::new(&id, "", stdio.clone(), None, host_io);
+    let init = Process::new(&id, "", stdio.clone(), None, host_io, pid);
     let container = Arc::new(Container {
         id: id.clone(),
         bundle: bundle.clone(),

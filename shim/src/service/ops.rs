@@ -228,7 +228,7 @@ pub async fn exec(inner: &Inner, req: api::ExecProcessRequest) -> Result<Empty> 
         },
     )
     .await?;
-    let p = Process::new(&c.id, &req.exec_id, stdio, Some(spec), host_io);
+    let p = Process::new(&c.id, &req.exec_id, stdio, Some(spec), host_io, 0);
     {
         let mut execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
         if execs.contains_key(&req.exec_id) {

@@ -49,12 +49,18 @@ impl std::fmt::Debug for Process {
 }
 
 impl Process {
+    /// A process not started yet. `pid` is what containerd is told until it
+    /// starts: for a container's init, the VM's (QEMU's) pid, which lives in
+    /// the pod's network namespace (`ctr run --cni` configures the task's
+    /// `/proc/<pid>/ns/net` between Create and Start); the guest pid once it
+    /// runs.
     pub fn new(
         container_id: &str,
         exec_id: &str,
         stdio: StdioConfig,
         spec: Option<Vec<u8>>,
         host_io: HostIo,
+        pid: u32,
     ) -> Arc<Self> {
         Arc::new(Self {
             container_id: container_id.into(),
@@ -63,7 +69,7 @@ impl Process {
             spec,
             state: Mutex::new(ProcState {
                 status: Status::Created,
-                pid: 0,
+                pid,
             }),
             exit: watch::channel(None).0,
             host_io: Mutex::new(Some(host_io)),
