@@ -16,6 +16,7 @@ APT_PACKAGES=(
   e2fsprogs util-linux   # mkfs, losetup
   libcap-ng-dev libseccomp-dev pkg-config  # cargo install virtiofsd; the agent links libseccomp.a
   socat                  # poking unix sockets by hand when debugging
+  curl                   # HTTP from the node side in network tests (busybox 1.35's static wget crashes with -T)
   iproute2               # ip/tc: network test fixtures (namespaces, veths, qdiscs)
   containernetworking-plugins  # CNI plugins (network tests)
 )

@@ -113,6 +113,33 @@ fn ctr_cni(env: &Env, node: &Netns, cni: &Cni, args: &[&str]) -> Result<Output> 
     run_with_timeout(c, Duration::from_secs(300))
 }
 
+/// What the node, the pod namespace and the guest see, for a failure's
+/// message.
+fn diagnose(env: &Env, node: &Netns, id: &str, ip: &str) -> String {
+    let show = |what: &str, r: Result<String>| match r {
+        Ok(s) => format!("--- {what}\n{s}"),
+        Err(e) => format!("--- {what}: {e:#}"),
+    };
+    let netns = netns_of(env, id).unwrap_or_default();
+    let pod = |cmd: &str| capsule_tests::netfix::sh_ok(&format!("nsenter --net={netns} {cmd}"));
+    [
+        show("node links", node.sh("ip -d -o link; ip -o addr; ip route")),
+        show("pod links", pod("ip -d -o link")),
+        show(
+            "pod tc",
+            pod("sh -c 'for d in eth0 cap_eth0; do echo $d; tc -s filter show dev $d ingress; done'"),
+        ),
+        show("node neighbours", node.sh("ip neigh")),
+        show(
+            "node wget",
+            node.sh(&format!("curl -sS -m 2 http://{ip}:8080/ 2>&1 || true")),
+        ),
+        show("guest addr", exec(env, id, "ip -o addr; ip route")),
+        show("guest sockets", exec(env, id, "netstat -ltn; ps")),
+    ]
+    .join("\n")
+}
+
 fn ctr_cni_ok(env: &Env, node: &Netns, cni: &Cni, args: &[&str]) -> Result<String> {
     let o = ctr_cni(env, node, cni, args)?;
     ensure!(
@@ -141,15 +168,16 @@ fn ipv4_of(env: &Env, id: &str) -> Result<String> {
         .with_context(|| format!("no IPv4 address on eth0 of {id}: {out}"))
 }
 
-/// The network namespace path in container `id`'s spec.
+/// The pod's network namespace of sandbox `id`, as `capsule inspect`
+/// shows it (`ctr run --cni` names none in the spec: the shim makes it).
 fn netns_of(env: &Env, id: &str) -> Result<String> {
-    let info: serde_json::Value = serde_json::from_str(&env.ctr_ok(&["container", "info", id])?)?;
-    info["Spec"]["linux"]["namespaces"]
-        .as_array()
-        .and_then(|a| a.iter().find(|n| n["type"] == "network"))
-        .and_then(|n| n["path"].as_str())
+    let o = env.capsule(&["inspect", id, "--json"])?;
+    ensure!(o.status.success(), "inspect {id}: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    v["network"][0]["netns"]
+        .as_str()
         .map(String::from)
-        .context("no network namespace path in the spec")
+        .with_context(|| format!("no network endpoint in `capsule inspect {id}`: {v}"))
 }
 
 /// The server every pod can fetch from: busybox httpd on the bridge's
@@ -176,7 +204,12 @@ impl Drop for NodeServer {
     }
 }
 
-const HTTPD: &str = "mkdir -p /tmp/www && echo from-$HOSTNAME > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+/// A container command serving `from-<name>` on port 8080. (Clients in
+/// the guest use `timeout 5 wget`: busybox 1.35's static wget crashes
+/// with `-T`.)
+fn httpd(name: &str) -> String {
+    format!("mkdir -p /tmp/www && echo from-{name} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")
+}
 
 #[test]
 fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()> {
@@ -198,7 +231,7 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
             "web1",
             "sh",
             "-c",
-            HTTPD,
+            &httpd("web1"),
         ],
     )?;
     let ip = ipv4_of(&env, "web1")?;
@@ -235,11 +268,9 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
     let body = wait_for(
         "HTTP from the capsule container",
         Duration::from_secs(60),
-        || {
-            node.sh(&format!("busybox wget -q -T 2 -O- http://{ip}:8080/"))
-                .ok()
-        },
-    )?;
+        || node.sh(&format!("curl -sf -m 2 http://{ip}:8080/")).ok(),
+    )
+    .map_err(|e| e.context(diagnose(&env, &node, "web1", &ip)))?;
     ensure!(body.trim() == "from-web1", "{body:?}");
     // … and the container from the node.
     let (_server, _www) =
@@ -248,9 +279,27 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
         exec(
             &env,
             "web1",
-            &format!("wget -q -T 2 -O- http://{}:8081/", cni.gateway()),
+            &format!("timeout 5 wget -q -O- http://{}:8081/", cni.gateway()),
         )
         .ok()
+    })
+    .map_err(|e| {
+        let probe = exec(
+            &env,
+            "web1",
+            &format!(
+                "timeout 5 wget -O- http://{}:8081/ 2>&1 || true",
+                cni.gateway()
+            ),
+        );
+        let node_probe = node.sh(&format!(
+            "curl -sS -m 2 http://{}:8081/ 2>&1 || true",
+            cni.gateway()
+        ));
+        e.context(format!(
+            "guest: {probe:?}\nnode: {node_probe:?}\n{}",
+            diagnose(&env, &node, "web1", &ip)
+        ))
     })?;
     ensure!(got.trim() == "from-node", "{got:?}");
 
@@ -269,7 +318,7 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
             "runc1",
             "sh",
             "-c",
-            HTTPD,
+            &httpd("runc1"),
         ],
     )?;
     let runc_ip = ipv4_of(&env, "runc1")?;
@@ -277,7 +326,7 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
         exec(
             &env,
             "web1",
-            &format!("wget -q -T 2 -O- http://{runc_ip}:8080/"),
+            &format!("timeout 5 wget -q -O- http://{runc_ip}:8080/"),
         )
         .ok()
     })?;
@@ -286,7 +335,7 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
         exec(
             &env,
             "runc1",
-            &format!("wget -q -T 2 -O- http://{ip}:8080/"),
+            &format!("timeout 5 wget -q -O- http://{ip}:8080/"),
         )
         .ok()
     })?;
@@ -311,7 +360,11 @@ fn cni_address_http_both_ways_runc_peer_and_a_shared_pod_address() -> Result<()>
         "600",
     ])?;
     ensure!(ipv4_of(&env, "side1")? == ip, "the pod's one address");
-    let got = exec(&env, "side1", "wget -q -T 2 -O- http://127.0.0.1:8080/")?;
+    let got = exec(
+        &env,
+        "side1",
+        "timeout 5 wget -q -O- http://127.0.0.1:8080/",
+    )?;
     ensure!(got.trim() == "from-web1", "{got:?}");
 
     for id in ["side1", "web1", "runc1"] {
