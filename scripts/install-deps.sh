@@ -16,6 +16,7 @@ APT_PACKAGES=(
   socat                  # poking unix sockets by hand when debugging
   iproute2               # ip/tc: network test fixtures (namespaces, veths, qdiscs)
   containernetworking-plugins  # CNI plugins (network tests)
+  protobuf-compiler      # protoc: the k8s-cri crate's build (CRI client of the Sandbox API test)
 )
 
 missing=()
