@@ -19,6 +19,7 @@ APT_PACKAGES=(
   curl                   # HTTP from the node side in network tests (busybox 1.35's static wget crashes with -T)
   iproute2               # ip/tc: network test fixtures (namespaces, veths, qdiscs)
   containernetworking-plugins  # CNI plugins (network tests)
+  protobuf-compiler      # protoc: the k8s-cri crate's build (CRI client of the Sandbox API test)
 )
 
 missing=()

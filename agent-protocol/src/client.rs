@@ -309,7 +309,7 @@ macro_rules! rpcs {
 rpcs! {
     health(HealthRequest) -> HealthResponse, "Health", default;
     guest_details(GuestDetailsRequest) -> GuestDetailsResponse, "GuestDetails", default;
-    create_sandbox(CreateSandboxRequest) -> Empty, "CreateSandbox", default;
+    create_sandbox(CreateSandboxRequest) -> CreateSandboxResponse, "CreateSandbox", default;
     destroy_sandbox(DestroySandboxRequest) -> Empty, "DestroySandbox", default;
     create_container(CreateContainerRequest) -> Empty, "CreateContainer", default;
     start_container(ContainerRequest) -> StartContainerResponse, "StartContainer", default;

@@ -6,7 +6,8 @@
 //! Module map: [`init`] (PID 1 duties), [`transport`] (serial sessions,
 //! vsock), [`service`] (RPCs) over [`sandbox`] (state) and [`container`]
 //! (create/start/exec, with the re-executed child in `container::child`),
-//! [`process`] + [`stdio`] + [`reaper`] + [`spawn`] (processes), [`storage`]
+//! [`process`] + [`stdio`] + [`reaper`] + [`spawn`] (processes), [`pod`]
+//! (the pod's namespaces without a pause container), [`storage`]
 //! (virtio-fs and block mounts), [`device`] (in-guest device discovery),
 //! [`network`] (virtio-net interfaces, routes, neighbours).
 pub mod container;
@@ -16,6 +17,7 @@ pub mod init;
 pub mod network;
 pub mod oom;
 pub mod paths;
+pub mod pod;
 pub mod process;
 pub mod reaper;
 pub mod sandbox;

@@ -16,6 +16,7 @@ use crate::device::{self, DeviceWatcher};
 use crate::error::{AgentError, Result};
 use crate::oom::OomWatcher;
 use crate::paths::{secure_join, valid_id};
+use crate::pod::PodPause;
 use crate::reaper::Reaper;
 
 /// How long devices of a CreateContainer/AddDevice may take to appear.
@@ -44,6 +45,9 @@ pub struct Sandbox {
     pub oom: Arc<OomWatcher>,
     containers: Mutex<HashMap<String, Slot>>,
     storages: tokio::sync::Mutex<Vec<PathBuf>>,
+    /// The pod's namespaces, when the host asked for them (no pause
+    /// container).
+    pod: Mutex<Option<PodPause>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -58,6 +62,7 @@ impl Sandbox {
             oom,
             containers: Mutex::new(HashMap::new()),
             storages: tokio::sync::Mutex::new(Vec::new()),
+            pod: Mutex::new(None),
         }
     }
 
@@ -76,7 +81,28 @@ impl Sandbox {
         matches!(lock(&self.containers).get(cid), Some(Slot::Ready(_)))
     }
 
-    pub async fn create_sandbox(&self, hostname: &str, storages: &[Storage]) -> Result<()> {
+    /// True when the cgroup `group` (under `capsule/`) holds processes of
+    /// this sandbox: a created container's, or the running pod pause's.
+    fn is_sandbox_group(&self, group: &str) -> bool {
+        if group == crate::pod::CGROUP_NAME {
+            return lock(&self.pod).as_ref().is_some_and(PodPause::is_alive);
+        }
+        self.is_ready(group)
+    }
+
+    /// Sets the hostname, mounts the storages and, with `pod_namespaces`,
+    /// starts the pod's pause process: returns its pid.
+    pub async fn create_sandbox(
+        &self,
+        hostname: &str,
+        storages: &[Storage],
+        pod_namespaces: bool,
+    ) -> Result<Option<i32>> {
+        if pod_namespaces && lock(&self.pod).is_some() {
+            return Err(AgentError::AlreadyExists(
+                "the pod's namespaces exist already (CreateSandbox was sent twice)".into(),
+            ));
+        }
         if !hostname.is_empty() {
             nix::unistd::sethostname(hostname).map_err(|e| {
                 AgentError::invalid(format!("sandbox hostname {hostname:?}: {}", e.desc()))
@@ -84,7 +110,13 @@ impl Sandbox {
         }
         let mounted = crate::storage::mount_all(&self.devices, storages).await?;
         self.storages.lock().await.extend(mounted);
-        Ok(())
+        if !pod_namespaces {
+            return Ok(None);
+        }
+        let pause = PodPause::start(&self.reaper)?;
+        let pid = pause.pid;
+        *lock(&self.pod) = Some(pause);
+        Ok(Some(pid))
     }
 
     pub async fn destroy_sandbox(&self) -> Result<()> {
@@ -95,6 +127,12 @@ impl Sandbox {
                 if e.code() != ttrpc::Code::NOT_FOUND {
                     errors.push(e.to_string());
                 }
+            }
+        }
+        let pause = lock(&self.pod).take();
+        if let Some(p) = pause {
+            if let Err(e) = p.stop().await {
+                errors.push(e.to_string());
             }
         }
         let mut st = self.storages.lock().await;
@@ -216,7 +254,7 @@ impl Sandbox {
         let cid = req.container_id.as_str();
         // Opened now, after the slow parts (devices, storages): the process
         // named by a path must still be alive when the init joins it.
-        let joins = namespaces::open_joins(cid, &ns.join, &|other| self.is_ready(other))?;
+        let joins = namespaces::open_joins(cid, &ns.join, &|group| self.is_sandbox_group(group))?;
         let mut mounts: Vec<PathBuf> = self.storages.lock().await.clone();
         mounts.extend(storages.iter().cloned());
         let rootfs = spec::resolve_rootfs(cid, &req.rootfs, &mounts)?;

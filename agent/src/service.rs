@@ -78,6 +78,7 @@ impl AgentService {
             "exec",
             "network",
             "pod-namespaces",
+            "pod-pause",
             "seccomp",
             "oom-events",
         ]
@@ -167,15 +168,29 @@ impl Agent for AgentService {
         Ok(AgentService::guest_details(self))
     }
 
-    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> TtResult<Empty> {
-        tracing::info!(sandbox = %req.sandbox_id, storages = req.storages.len(), "CreateSandbox");
-        done(
-            "CreateSandbox",
-            self.sandbox
-                .create_sandbox(&req.hostname, &req.storages)
-                .await
-                .map(|_| Empty::new()),
-        )
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> TtResult<CreateSandboxResponse> {
+        tracing::info!(sandbox = %req.sandbox_id, storages = req.storages.len(), pod_namespaces = req.pod_namespaces, "CreateSandbox");
+        let r = self
+            .sandbox
+            .create_sandbox(&req.hostname, &req.storages, req.pod_namespaces)
+            .await
+            .and_then(|pid| {
+                let pod_pid = match pid {
+                    None => 0,
+                    Some(p) => u32::try_from(p).map_err(|_| {
+                        AgentError::Internal(format!("the pod's pause has pid {p}"))
+                    })?,
+                };
+                Ok(CreateSandboxResponse {
+                    pod_pid,
+                    ..Default::default()
+                })
+            });
+        done("CreateSandbox", r)
     }
 
     async fn destroy_sandbox(

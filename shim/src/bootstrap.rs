@@ -14,13 +14,15 @@
 //! from older daemons, but answers every older daemon with JSON version 3,
 //! which containerd 1.6 takes for the address, 1.7 refuses ("unsupported
 //! shim version (3)") and 2.0–2.2 read as "this shim serves the Sandbox
-//! API" (see [`protocol`]); it registers only `containerd.task.v3.Task`,
+//! API" (see [`protocol`], which also says when capsule does announce it);
+//! it registers only `containerd.task.v3.Task`,
 //! while containerd 1.6 and 1.7 call `containerd.task.v2.Task`; and its
 //! reaper calls `waitpid(-1)`. This module reuses its argument parser (with
 //! `-info`), its bootstrap messages, `StartOpts` (socket naming, honouring
 //! 2.3's `socket_dir`), its exit signal and the protos' `RuntimeInfo`;
 //! decodes stdin and picks the reply itself; and serves the task service
-//! under both names. The shim sets no SIGCHLD handler of its own: QEMU,
+//! under both names, with containerd's Sandbox API beside it
+//! (`service::sandbox_api`). The shim sets no SIGCHLD handler of its own: QEMU,
 //! virtiofsd and logging binaries are tokio children reaped by tokio (per
 //! pid, never `waitpid(-1)`), and the shim is no subreaper, so orphans go to
 //! init.
@@ -152,13 +154,19 @@ pub fn start(flags: &Flags) -> Result<Vec<u8>, String> {
     let max_version = std::env::var(protocol::MAX_SHIM_VERSION_ENV).ok();
     let daemon = protocol::daemon(&input, max_version.as_deref());
     let opts = start_opts(flags, &input);
-    let address = start_server(&opts, &daemon)?;
-    protocol::encode_reply(daemon.reply(), &address)
+    let bundle = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    let reply = daemon.reply(protocol::role_of(&bundle));
+    let address = start_server(&opts, &bundle, &daemon, reply)?;
+    protocol::encode_reply(reply, &address)
 }
 
 /// Finds or spawns the shim server for `opts`; returns its address.
-fn start_server(opts: &StartOpts, daemon: &protocol::Daemon) -> Result<String, String> {
-    let bundle = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+fn start_server(
+    opts: &StartOpts,
+    bundle: &Path,
+    daemon: &protocol::Daemon,
+    reply: protocol::Reply,
+) -> Result<String, String> {
     let grouping = std::fs::read(bundle.join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<oci_spec::runtime::Spec>(&b).ok())
@@ -180,7 +188,7 @@ fn start_server(opts: &StartOpts, daemon: &protocol::Daemon) -> Result<String, S
     }
     let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.current_dir(&bundle)
+    cmd.current_dir(bundle)
         .args([
             "-namespace",
             &opts.namespace,
@@ -190,10 +198,7 @@ fn start_server(opts: &StartOpts, daemon: &protocol::Daemon) -> Result<String, S
             &opts.address,
         ])
         .args(["-socket", &address])
-        .env(
-            CALLER_ENV,
-            format!("{daemon:?} (reply {:?})", daemon.reply()),
-        )
+        .env(CALLER_ENV, format!("{daemon:?} (reply {reply:?})"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -342,6 +347,11 @@ async fn serve_async(flags: &Flags, listener: std::os::unix::net::UnixListener) 
     services.extend(containerd_shim_protos::shim_async::create_task(Arc::new(
         svc.clone(),
     )));
+    // The Sandbox API (containerd 2.x, `sandboxer = "shim"`), on the task
+    // service's state.
+    services.extend(containerd_shim_protos::sandbox_async::create_sandbox(
+        Arc::new(svc.sandbox_service()),
+    ));
     services.extend(crate::admin::service(svc.clone()));
     let listener = match ttrpc::r#async::transport::Listener::try_from(listener) {
         Ok(l) => l,

@@ -18,19 +18,71 @@
 //!
 //! The version: containerd 2.x reads a shim's version 3 as "supports the
 //! Sandbox API and streaming I/O" (`supportSandboxAPIVersion = 3` in
-//! `core/runtime/v2/shim_manager.go`, containerd PR #11793): it then stops
-//! running `start` and `delete` for the containers of a pod and expects the
-//! sandbox shim to serve them. capsule does not serve the Sandbox API, so it
-//! announces task API version 2 to every daemon, never more than the
-//! daemon's `MAX_SHIM_VERSION`. The server registers the task service under
-//! `containerd.task.v3.Task` too (same messages), so a daemon that connects
-//! with v3 is served as well.
+//! `core/runtime/v2/shim_manager.go`, containerd PR #11793, in 2.1.9): for a
+//! task whose container belongs to a sandbox it then stops running `start`
+//! and `delete` and the task `Shutdown`, and creates the task on the
+//! sandbox's shim (`containerd.task.v3.Task` on a new connection to the
+//! same socket). So the version depends on what the shim is started as
+//! ([`Role`]):
+//!
+//! - a container's task (every daemon, and 2.x's `podsandbox` pods): task
+//!   API version 2, never more than the daemon's `MAX_SHIM_VERSION`. A pod's
+//!   containers get a `start` each and find the pod's shim by its socket
+//!   (grouping by the CRI annotations), then `delete` and `Shutdown`, which
+//!   the shim ignores while the pod lives — as with every daemon since 1.6;
+//! - a sandbox of containerd 2.x's shim sandbox controller (a runtime with
+//!   `sandboxer = "shim"`): version 3. That controller starts the shim in a
+//!   bundle under its own state directory, [`SANDBOX_CONTROLLER_DIR`]
+//!   (`<state>/io.containerd.sandbox.controller.v1.shim/<ns>/<id>`, with no
+//!   `config.json`), which is how `start` knows: no other caller uses that
+//!   directory, and containerd 1.7's experimental controller has another
+//!   (`…controller.v1.local`). containerd 2.0–2.3 still set
+//!   `MAX_SHIM_VERSION=2` for every `start` (`pkg/shim/util.go`,
+//!   `core/runtime/v2/command.go`) but take version 3 from any shim
+//!   (`parseStartResponse` refuses only versions above 3): the variable is
+//!   ignored for this role.
+//!
+//! The server registers the task service under `containerd.task.v3.Task`
+//! too (same messages), so a daemon that connects with v3 is served in both
+//! roles.
 use containerd_shim::bootstrap::{BootstrapParams, BootstrapResult};
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::Message;
 
-/// The task API version capsule announces (see the module documentation).
+/// The task API version capsule announces for a container's task (see the
+/// module documentation).
 pub const TASK_API_VERSION: i32 = 2;
+
+/// The version announced to containerd 2.x's shim sandbox controller: the
+/// shim serves the Sandbox API and the pod's tasks (task API v3).
+pub const SANDBOX_API_VERSION: i32 = 3;
+
+/// The state directory of containerd 2.x's shim sandbox controller
+/// (`plugins.SandboxControllerPlugin` + `.shim`): its bundles are
+/// `<it>/<namespace>/<sandbox id>`.
+pub const SANDBOX_CONTROLLER_DIR: &str = "io.containerd.sandbox.controller.v1.shim";
+
+/// What containerd starts the shim for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A container's task (alone, or in a pod).
+    Task,
+    /// A sandbox of the Sandbox API (`sandboxer = "shim"`, containerd 2.x).
+    Sandbox,
+}
+
+/// The role of a `start` run in `bundle` (its working directory).
+pub fn role_of(bundle: &std::path::Path) -> Role {
+    let controller = bundle
+        .parent()
+        .and_then(|namespace| namespace.parent())
+        .and_then(|dir| dir.file_name());
+    if controller.is_some_and(|d| d == SANDBOX_CONTROLLER_DIR) {
+        Role::Sandbox
+    } else {
+        Role::Task
+    }
+}
 
 /// The only protocol capsule serves.
 pub const PROTOCOL: &str = "ttrpc";
@@ -151,17 +203,24 @@ pub enum Reply {
 }
 
 impl Daemon {
-    pub fn reply(&self) -> Reply {
-        match self {
-            Daemon::Containerd16 => Reply::Bare,
+    /// The reply to `start` in `role` (see the module documentation).
+    pub fn reply(&self, role: Role) -> Reply {
+        match (self, role) {
+            (Daemon::Containerd16, _) => Reply::Bare,
             // containerd reads JSON with a version below 2 as a bare address
             // made of the whole JSON text.
-            Daemon::Versioned { max_version } if *max_version < 2 => Reply::Bare,
-            Daemon::Versioned { max_version } => Reply::Json {
+            (Daemon::Versioned { max_version }, _) if *max_version < 2 => Reply::Bare,
+            (Daemon::Versioned { max_version }, Role::Task) => Reply::Json {
                 version: TASK_API_VERSION.min(*max_version),
             },
-            Daemon::Bootstrap { .. } => Reply::BootstrapResult {
+            (Daemon::Versioned { .. }, Role::Sandbox) => Reply::Json {
+                version: SANDBOX_API_VERSION,
+            },
+            (Daemon::Bootstrap { .. }, Role::Task) => Reply::BootstrapResult {
                 version: TASK_API_VERSION,
+            },
+            (Daemon::Bootstrap { .. }, Role::Sandbox) => Reply::BootstrapResult {
+                version: SANDBOX_API_VERSION,
             },
         }
     }

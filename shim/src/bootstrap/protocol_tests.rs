@@ -112,7 +112,7 @@ fn the_two_encodings_decode_as_each_other_and_are_told_apart() {
         assert!(matches!(input, StartInput::RuntimeOptions(_)), "{input:?}");
         assert_eq!(config_path(&input.options()[0]), None);
         assert_eq!(
-            daemon(&input, Some("2")).reply(),
+            daemon(&input, Some("2")).reply(Role::Task),
             Reply::Json { version: 2 }
         );
     }
@@ -144,28 +144,90 @@ fn each_daemon_gets_the_reply_it_reads() {
     // containerd 1.6: no MAX_SHIM_VERSION.
     let d = daemon(&StartInput::Empty, None);
     assert_eq!(d, Daemon::Containerd16);
-    assert_eq!(encode_reply(d.reply(), addr).unwrap(), addr.as_bytes());
+    assert_eq!(
+        encode_reply(d.reply(Role::Task), addr).unwrap(),
+        addr.as_bytes()
+    );
     // containerd 1.7 and 2.0–2.2: MAX_SHIM_VERSION=2.
     let d = daemon(&StartInput::Empty, Some("2"));
-    assert_eq!(d.reply(), Reply::Json { version: 2 });
+    assert_eq!(d.reply(Role::Task), Reply::Json { version: 2 });
     let json: serde_json::Value =
-        serde_json::from_slice(&encode_reply(d.reply(), addr).unwrap()).unwrap();
+        serde_json::from_slice(&encode_reply(d.reply(Role::Task), addr).unwrap()).unwrap();
     assert_eq!(
         json,
         serde_json::json!({"version": 2, "address": addr, "protocol": "ttrpc"})
     );
     // Never above what capsule serves, nor below 2 in JSON.
     assert_eq!(
-        daemon(&StartInput::Empty, Some("3")).reply(),
+        daemon(&StartInput::Empty, Some("3")).reply(Role::Task),
         Reply::Json { version: 2 }
     );
-    assert_eq!(daemon(&StartInput::Empty, Some("1")).reply(), Reply::Bare);
-    assert_eq!(daemon(&StartInput::Empty, Some("x")).reply(), Reply::Bare);
+    assert_eq!(
+        daemon(&StartInput::Empty, Some("1")).reply(Role::Task),
+        Reply::Bare
+    );
+    assert_eq!(
+        daemon(&StartInput::Empty, Some("x")).reply(Role::Task),
+        Reply::Bare
+    );
     // containerd 2.3: BootstrapResult { version = 2; address; protocol }.
     let input = decode_start_input(&bootstrap_bytes("c1", "ns"), "c1", "ns");
-    let bytes = encode_reply(daemon(&input, Some("2")).reply(), addr).unwrap();
+    let bytes = encode_reply(daemon(&input, Some("2")).reply(Role::Task), addr).unwrap();
     let mut want = vec![0x08, 0x02];
     want.extend(ld(2, addr.as_bytes()));
     want.extend(ld(3, b"ttrpc"));
     assert_eq!(bytes, want);
+}
+
+#[test]
+fn the_shim_sandbox_controllers_bundles_are_sandboxes() {
+    use std::path::Path;
+    for (bundle, role) in [
+        // containerd 2.x, sandboxer = "shim" (default state directory and a
+        // private one).
+        (
+            "/run/containerd/io.containerd.sandbox.controller.v1.shim/k8s.io/4f0c",
+            Role::Sandbox,
+        ),
+        (
+            "/tmp/cap-x/state/io.containerd.sandbox.controller.v1.shim/default/pod",
+            Role::Sandbox,
+        ),
+        // Tasks: podsandbox pods, ctr; containerd 1.7's controller.
+        (
+            "/run/containerd/io.containerd.runtime.v2.task/k8s.io/4f0c",
+            Role::Task,
+        ),
+        (
+            "/run/containerd/io.containerd.sandbox.controller.v1.local/k8s.io/4f0c",
+            Role::Task,
+        ),
+        ("/io.containerd.sandbox.controller.v1.shim", Role::Task),
+        ("relative", Role::Task),
+    ] {
+        assert_eq!(role_of(Path::new(bundle)), role, "{bundle}");
+    }
+}
+
+#[test]
+fn a_sandbox_gets_version_3_from_containerd_2() {
+    let addr = "unix:///run/containerd/s/ab";
+    // 2.0–2.2 say MAX_SHIM_VERSION=2 but read version 3.
+    let d = daemon(&StartInput::Empty, Some("2"));
+    assert_eq!(d.reply(Role::Sandbox), Reply::Json { version: 3 });
+    let json: serde_json::Value =
+        serde_json::from_slice(&encode_reply(d.reply(Role::Sandbox), addr).unwrap()).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"version": 3, "address": addr, "protocol": "ttrpc"})
+    );
+    // 2.3: BootstrapResult { version = 3 }.
+    let input = decode_start_input(&bootstrap_bytes("pod", "ns"), "pod", "ns");
+    let bytes = encode_reply(daemon(&input, Some("2")).reply(Role::Sandbox), addr).unwrap();
+    assert_eq!(&bytes[..2], &[0x08, 0x03]);
+    // A daemon that reads no JSON gets the address, whatever the role.
+    assert_eq!(
+        daemon(&StartInput::Empty, None).reply(Role::Sandbox),
+        Reply::Bare
+    );
 }

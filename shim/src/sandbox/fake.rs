@@ -19,7 +19,8 @@ use oci_spec::runtime::Spec;
 use tokio::sync::watch;
 
 use super::{
-    ContainerRequest, ExitStatus, Guest, GuestStats, Sandbox, SandboxFactory, SharedRootfs,
+    ContainerRequest, ExitStatus, Guest, GuestStats, Sandbox, SandboxFactory, SandboxSetup,
+    SharedRootfs,
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -58,6 +59,8 @@ struct State {
     next_pid: u32,
     shut_down: bool,
     stats: Option<GuestStats>,
+    /// The pod pause's pid when started with pod namespaces.
+    pod_pid: Option<u32>,
 }
 
 /// The fake sandbox. Clone shares state.
@@ -68,6 +71,8 @@ pub struct FakeSandbox {
     oom: Arc<watch::Sender<Vec<(String, u64)>>>,
     devices: Arc<Mutex<Option<Arc<DeviceManager>>>>,
     backend: Arc<RecordingBackend>,
+    /// The "VM"'s end: set by `shutdown` (0) or `crash` (255).
+    vm_exit: Arc<watch::Sender<Option<ExitStatus>>>,
 }
 
 impl FakeSandbox {
@@ -130,6 +135,10 @@ impl FakeSandbox {
     pub fn is_shut_down(&self) -> bool {
         self.st().shut_down
     }
+    /// The "VM" dies on its own.
+    pub fn crash(&self) {
+        self.vm_exit.send_replace(Some(ExitStatus::now(255)));
+    }
     /// Queues output for a process (`exec_id` "" = init).
     pub fn push_output(&self, cid: &str, exec_id: &str, data: &[u8]) {
         self.st()
@@ -188,6 +197,17 @@ impl Sandbox for FakeSandbox {
     fn vm_pid(&self) -> u32 {
         4242
     }
+    fn pod_pid(&self) -> Option<u32> {
+        self.st().pod_pid
+    }
+    async fn wait_exit(&self) -> ExitStatus {
+        let mut rx = self.vm_exit.subscribe();
+        let got = rx.wait_for(|e| e.is_some()).await.ok().and_then(|v| *v);
+        match got {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
     fn guest(&self) -> &dyn Guest {
         self
     }
@@ -245,6 +265,13 @@ impl Sandbox for FakeSandbox {
         self.st().shut_down = true;
         // The VM and everything plugged into it are gone.
         *self.devices.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.vm_exit.send_if_modified(|e| {
+            let first = e.is_none();
+            if first {
+                *e = Some(ExitStatus::now(0));
+            }
+            first
+        });
         Ok(())
     }
 }
@@ -401,6 +428,8 @@ impl Guest for FakeSandbox {
 pub struct FakeFactory {
     pub sandbox: FakeSandbox,
     pub created: Arc<Mutex<Vec<String>>>,
+    /// What each create was given.
+    pub setups: Arc<Mutex<Vec<SandboxSetup>>>,
     host: Resolver,
     /// `resolve_devices` calls, and devices resolved by them.
     pub resolutions: Arc<AtomicUsize>,
@@ -417,6 +446,7 @@ impl FakeFactory {
         Self {
             sandbox: FakeSandbox::default(),
             created: Arc::default(),
+            setups: Arc::default(),
             host,
             resolutions: Arc::default(),
             devices_resolved: Arc::default(),
@@ -438,7 +468,7 @@ impl SandboxFactory for FakeFactory {
         id: &str,
         config: &Config,
         _store: Arc<SandboxStore>,
-        _spec: &Spec,
+        setup: &SandboxSetup,
     ) -> Result<Arc<dyn Sandbox>> {
         self.sandbox
             .call(format!("start_sandbox {id}"), Some(Step::StartSandbox))?;
@@ -459,7 +489,16 @@ impl SandboxFactory for FakeFactory {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(id.to_string());
-        self.sandbox.st().shut_down = false;
+        self.setups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(setup.clone());
+        {
+            let mut st = self.sandbox.st();
+            st.shut_down = false;
+            st.pod_pid = setup.pod_namespaces.then_some(77);
+        }
+        self.sandbox.vm_exit.send_replace(None);
         Ok(Arc::new(self.sandbox.clone()))
     }
 }

@@ -3,10 +3,25 @@
 //! without a network namespace: host networking), the host's IPC namespace
 //! (host IPC), and mounts that propagate back to the host (`rshared`). The
 //! host's PID namespace is not refused: the pod's PID namespace in the VM
-//! stands for it.
+//! stands for it. The Sandbox API (`service::sandbox_api`) refuses a pod's
+//! host network and IPC with the same messages.
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::error::{Error, Result};
+
+/// The refusal of host networking; `who` says what asked for it.
+pub fn host_network(who: &str) -> Error {
+    Error::invalid(format!(
+        "host network is not supported: {who}, and a VM sandbox cannot share the host's network stack (run the pod with a network of its own)"
+    ))
+}
+
+/// The refusal of the host's IPC namespace; `who` says what asked for it.
+pub fn host_ipc(who: &str) -> Error {
+    Error::invalid(format!(
+        "host IPC is not supported: {who}, and a VM sandbox cannot share the host's shared memory, semaphores or message queues"
+    ))
+}
 
 /// Refuses a spec asking for what only the host can give; names the
 /// reason.
@@ -18,14 +33,10 @@ pub fn refuse_host_sharing(spec: &Spec) -> Result<()> {
         .unwrap_or_default();
     let has = |t: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == t);
     if !has(LinuxNamespaceType::Network) {
-        return Err(Error::invalid(
-            "host network is not supported: the spec shares the host's network namespace, and a VM sandbox cannot share the host's network stack (run the pod with a network of its own)",
-        ));
+        return Err(host_network("the spec shares the host's network namespace"));
     }
     if !has(LinuxNamespaceType::Ipc) {
-        return Err(Error::invalid(
-            "host IPC is not supported: the spec shares the host's IPC namespace, and a VM sandbox cannot share the host's shared memory, semaphores or message queues",
-        ));
+        return Err(host_ipc("the spec shares the host's IPC namespace"));
     }
     for m in spec.mounts().iter().flatten() {
         let shared = m

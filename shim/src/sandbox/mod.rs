@@ -41,6 +41,33 @@ pub const SHARE_TAG: &str = "capsule-shared";
 /// Where the agent mounts the share in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/capsule/shared";
 
+/// What starting a sandbox needs to know of its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSetup {
+    /// The guest's hostname (empty: the guest's default).
+    pub hostname: String,
+    /// The pod's network namespace (QEMU runs in it).
+    pub network: network::PodNetwork,
+    /// The pod has no pause container (containerd's Sandbox API): the guest
+    /// agent makes the pod's pid, ipc and uts namespaces, held by a process
+    /// of its own whose guest pid is [`Sandbox::pod_pid`].
+    pub pod_namespaces: bool,
+}
+
+impl SandboxSetup {
+    /// From the spec of the sandbox's first container (a pod's pause
+    /// container, or a lone container): its hostname and network
+    /// namespace. A spec without a network namespace (host network) is
+    /// refused.
+    pub fn from_spec(spec: &Spec) -> Result<Self> {
+        Ok(Self {
+            hostname: spec.hostname().clone().unwrap_or_default(),
+            network: network::pod_network(spec)?,
+            pod_namespaces: false,
+        })
+    }
+}
+
 /// A container as the sandbox needs it.
 #[derive(Debug, Clone)]
 pub struct ContainerRequest {
@@ -70,6 +97,14 @@ pub trait Sandbox: Send + Sync {
     fn id(&self) -> &str;
     /// QEMU's pid: the sandbox as a host process.
     fn vm_pid(&self) -> u32;
+    /// The guest pid of the pod's pause process, which holds the pod's
+    /// namespaces, when the sandbox was started with
+    /// [`SandboxSetup::pod_namespaces`].
+    fn pod_pid(&self) -> Option<u32>;
+    /// Resolves once the VM has ended: status 0 when
+    /// [`shutdown`](Self::shutdown) stopped it, 255 when it ended on its own
+    /// (QEMU died, or virtiofsd did and took the VM down).
+    async fn wait_exit(&self) -> ExitStatus;
     /// The guest agent.
     fn guest(&self) -> &dyn Guest;
 
@@ -110,15 +145,14 @@ pub trait SandboxFactory: Send + Sync {
     fn resolve_devices(&self, config: &Config, spec: &Spec) -> Result<ResolvedDevices>;
 
     /// Starts sandbox `id`, recording it in `store` (the sandbox's state
-    /// directory exists and holds the first container); its hostname and
-    /// network from the first container's `spec`. On error nothing it
-    /// started is left running.
+    /// directory exists; it holds the first container when a Create starts
+    /// the sandbox). On error nothing it started is left running.
     async fn create(
         &self,
         id: &str,
         config: &Config,
         store: Arc<SandboxStore>,
-        spec: &Spec,
+        setup: &SandboxSetup,
     ) -> Result<Arc<dyn Sandbox>>;
 }
 

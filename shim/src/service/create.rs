@@ -37,7 +37,9 @@ pub fn load_spec(bundle: &Path) -> Result<Spec> {
         .map_err(|e| Error::invalid(format!("{}: not a valid OCI spec: {e}", path.display())))
 }
 
-fn load_config(
+/// The configuration of a new sandbox: the runtime options' config path
+/// (`options`), then `$CAPSULE_CONFIG`, then the default file.
+pub(super) fn load_config(
     inner: &Inner,
     options: Option<&containerd_shim_protos::protobuf::well_known_types::any::Any>,
 ) -> Result<(Config, Option<PathBuf>)> {
@@ -54,6 +56,49 @@ fn load_config(
             };
             Ok((c, path))
         }
+    }
+}
+
+/// Opens a new sandbox's record in `paths` naming this shim (its pid and
+/// address); on error nothing is left of the directory.
+pub(super) fn open_store(
+    inner: &Inner,
+    paths: &SandboxPaths,
+    sandbox_id: &str,
+) -> Result<Arc<SandboxStore>> {
+    let store = Arc::new(SandboxStore::open(paths, sandbox_id)?);
+    let address = inner.shim_address.clone();
+    if let Err(e) = store.update(|r| {
+        r.shim = ProcRef::current();
+        r.shim_address = Some(address);
+    }) {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+        return Err(e);
+    }
+    Ok(store)
+}
+
+/// Refuses a container of `sandbox_id` when the Sandbox API made this
+/// shim's sandbox and it is another, or not running.
+fn check_pod(inner: &Inner, id: &str, sandbox_id: &str) -> Result<()> {
+    let pod = inner.pod();
+    let Some(p) = pod.as_ref() else {
+        return Ok(());
+    };
+    if p.id != sandbox_id {
+        return Err(Error::precondition(format!(
+            "container {id} belongs to sandbox {sandbox_id}, but this shim serves sandbox {}",
+            p.id
+        )));
+    }
+    match p.phase {
+        super::sandbox_api::Phase::Ready => Ok(()),
+        super::sandbox_api::Phase::Created => Err(Error::precondition(format!(
+            "container {id}: sandbox {sandbox_id} is not started (StartSandbox)"
+        ))),
+        super::sandbox_api::Phase::Stopped(_) => Err(Error::precondition(format!(
+            "container {id}: sandbox {sandbox_id} has stopped"
+        ))),
     }
 }
 
@@ -96,6 +141,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
     if inner.containers().contains_key(&id) {
         return Err(Error::exists(format!("container {id} already exists")));
     }
+    check_pod(inner, &id, &sandbox_id)?;
     let (config, config_path) = match lifecycle.as_ref() {
         Some(a) if a.id != sandbox_id => {
             return Err(Error::precondition(format!(
@@ -146,18 +192,7 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
     let new_sandbox = lifecycle.is_none();
     let store = match lifecycle.as_ref() {
         Some(a) => a.store.clone(),
-        None => {
-            let store = Arc::new(SandboxStore::open(&paths, &sandbox_id)?);
-            let address = inner.shim_address.clone();
-            if let Err(e) = store.update(|r| {
-                r.shim = ProcRef::current();
-                r.shim_address = Some(address);
-            }) {
-                let _ = std::fs::remove_dir_all(&paths.dir);
-                return Err(e);
-            }
-            store
-        }
+        None => open_store(inner, &paths, &sandbox_id)?,
     };
     let mut rec = ContainerRecord {
         id: id.clone(),
@@ -196,9 +231,10 @@ pub async fn create(inner: &Inner, req: api::CreateTaskRequest) -> Result<api::C
         let sb: Arc<dyn Sandbox> = match lifecycle.as_ref() {
             Some(a) => a.sandbox.clone(),
             None => {
+                let setup = crate::sandbox::SandboxSetup::from_spec(&creq.spec)?;
                 let sb = inner
                     .factory
-                    .create(&sandbox_id, &config, store.clone(), &creq.spec)
+                    .create(&sandbox_id, &config, store.clone(), &setup)
                     .await?;
                 started = Some(sb.clone());
                 fault::point("create.sandbox-started");

@@ -1,7 +1,9 @@
-//! The containerd Task service (`containerd.task.v2.Task`, all 17 RPCs).
+//! The containerd Task service (`containerd.task.v2.Task`, all 17 RPCs),
+//! and beside it the Sandbox API ([`sandbox_api`]) on the same state.
 //!
-//! One shim serves one sandbox (one VM): the first Create starts it, later
-//! Creates of the same pod (CRI annotations) join it. Create, Delete of a
+//! One shim serves one sandbox (one VM): the first Create starts it (or,
+//! with the Sandbox API, StartSandbox does), later Creates of the same pod
+//! (CRI annotations) join it. Create, Delete of a
 //! container and Shutdown are serialised; everything else runs
 //! concurrently. Process exits are observed by one waiter task per process
 //! (the agent's WaitProcess), which publishes TaskExit after the process's
@@ -22,7 +24,7 @@ use oci_spec::runtime::Spec;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
-use crate::sandbox::{Sandbox, SandboxFactory};
+use crate::sandbox::{ExitStatus, Sandbox, SandboxFactory};
 use crate::state::{SandboxPaths, SandboxStore};
 
 mod create;
@@ -30,6 +32,7 @@ pub mod oom;
 mod ops;
 pub mod options;
 pub mod process;
+pub mod sandbox_api;
 pub mod stats;
 
 use process::Container;
@@ -80,9 +83,15 @@ pub(crate) struct Inner {
     pub factory: Arc<dyn SandboxFactory>,
     pub config_source: ConfigSource,
     pub exit: Arc<ExitSignal>,
-    /// Held by Create, Delete of a container and Shutdown.
+    /// Held by Create, Delete of a container, Shutdown and the Sandbox
+    /// API's changes.
     pub lifecycle: tokio::sync::Mutex<Option<Active>>,
     pub containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The sandbox containerd made with the Sandbox API (none: the first
+    /// container's Create starts the sandbox). Changed under `lifecycle`.
+    pub pod: Mutex<Option<sandbox_api::Pod>>,
+    /// The end of that sandbox, for WaitSandbox.
+    pub pod_exit: tokio::sync::watch::Sender<Option<ExitStatus>>,
 }
 
 impl Inner {
@@ -95,6 +104,30 @@ impl Inner {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("container {id} not found")))
+    }
+
+    pub fn pod(&self) -> MutexGuard<'_, Option<sandbox_api::Pod>> {
+        self.pod.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Sandbox API sandbox ended (`exit`): recorded once, WaitSandbox
+    /// returns.
+    pub fn pod_ended(&self, exit: ExitStatus) {
+        if let Some(p) = self.pod().as_mut() {
+            if !matches!(p.phase, sandbox_api::Phase::Stopped(_)) {
+                if exit.status != 0 {
+                    tracing::error!(sandbox = %p.id, status = exit.status, "the sandbox VM ended on its own");
+                }
+                p.phase = sandbox_api::Phase::Stopped(exit);
+            }
+        }
+        self.pod_exit.send_if_modified(|e| {
+            let first = e.is_none();
+            if first {
+                *e = Some(exit);
+            }
+            first
+        });
     }
 }
 
@@ -123,7 +156,17 @@ impl TaskService {
                 exit,
                 lifecycle: tokio::sync::Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
+                pod: Mutex::new(None),
+                pod_exit: tokio::sync::watch::Sender::new(None),
             }),
+        }
+    }
+
+    /// The Sandbox API, on this service's state (same sandbox, same
+    /// containers).
+    pub fn sandbox_service(&self) -> sandbox_api::SandboxService {
+        sandbox_api::SandboxService {
+            inner: self.inner.clone(),
         }
     }
 

@@ -303,14 +303,24 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
             .remove(&req.exec_id);
         return Ok(delete_response(&p));
     }
-    let _lifecycle = inner.lifecycle.lock().await;
+    let lifecycle = inner.lifecycle.lock().await;
     let c = inner.container(&req.id)?;
     let p = c.init.clone();
+    // A listed container whose sandbox is no longer running: StopSandbox
+    // (Sandbox API) stopped the VM and removed the sandbox's host state,
+    // this container's with it. Only the bookkeeping is left.
+    let torn_down = lifecycle.is_none();
+    if torn_down {
+        // Its processes went with the VM.
+        p.mark_exited(ExitStatus::now(128 + 9));
+    }
     // `Deleting` from here on: only the exit may still be recorded.
     let before = p.transition(Op::Delete)?;
     fault::point("delete.before-remove");
-    if let Err(e) = c.sandbox.guest().remove_container(&c.id).await {
-        tracing::warn!(container = %c.id, error = %e, "removing the container in the guest failed; cleaning up the host side anyway");
+    if !torn_down {
+        if let Err(e) = c.sandbox.guest().remove_container(&c.id).await {
+            tracing::warn!(container = %c.id, error = %e, "removing the container in the guest failed; cleaning up the host side anyway");
+        }
     }
     fault::point("delete.after-remove");
     if before == Status::Created {
@@ -321,21 +331,24 @@ pub async fn delete(inner: &Inner, req: api::DeleteRequest) -> Result<api::Delet
     }
     p.close_io().await;
     let mut trouble = Vec::new();
-    if let Err(e) = c.sandbox.detach_devices(&c.id).await {
-        trouble.push(e.to_string());
-    }
-    fault::point("delete.devices-detached");
-    if let Err(e) = c.sandbox.release_rootfs(&c.id, &c.bundle).await {
-        trouble.push(e.to_string());
-    }
-    if let Err(e) = c.store.remove_container(&c.id) {
-        trouble.push(e.to_string());
+    if !torn_down {
+        if let Err(e) = c.sandbox.detach_devices(&c.id).await {
+            trouble.push(e.to_string());
+        }
+        fault::point("delete.devices-detached");
+        if let Err(e) = c.sandbox.release_rootfs(&c.id, &c.bundle).await {
+            trouble.push(e.to_string());
+        }
+        if let Err(e) = c.store.remove_container(&c.id) {
+            trouble.push(e.to_string());
+        }
     }
     if !trouble.is_empty() {
         tracing::error!(container = %c.id, trouble = %trouble.join("; "), "delete left host-side trouble (the sandbox cleanup handles it when the shim goes)");
     }
     p.transition(Op::DeleteDone)?;
     inner.containers().remove(&c.id);
+    drop(lifecycle);
     let resp = delete_response(&p);
     inner
         .events
@@ -495,6 +508,10 @@ pub async fn connect(inner: &Inner, req: api::ConnectRequest) -> Result<api::Con
 
 pub async fn shutdown(inner: &Inner, _req: api::ShutdownRequest) -> Result<Empty> {
     let mut lifecycle = inner.lifecycle.lock().await;
+    if let Some(p) = inner.pod().as_ref() {
+        tracing::info!(sandbox = %p.id, "shutdown ignored: the Sandbox API made this shim's sandbox, and ShutdownSandbox ends it");
+        return Ok(Empty::new());
+    }
     let live = inner.containers().len();
     if live > 0 {
         tracing::info!(containers = live, "shutdown ignored: containers remain");

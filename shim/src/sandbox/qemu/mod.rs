@@ -27,8 +27,8 @@ use capsule_hypervisor::{QemuVm, VmBuilder, VmSlot};
 use oci_spec::runtime::Spec;
 
 use super::{
-    network, share, ContainerRequest, Guest, Sandbox, SandboxFactory, SharedRootfs,
-    GUEST_SHARED_DIR, SHARE_TAG,
+    network, share, ContainerRequest, ExitStatus, Guest, Sandbox, SandboxFactory, SandboxSetup,
+    SharedRootfs, GUEST_SHARED_DIR, SHARE_TAG,
 };
 use crate::cleanup::{self, KillTiming, RealProcesses};
 use crate::config::Config;
@@ -107,10 +107,10 @@ impl SandboxFactory for QemuFactory {
         id: &str,
         config: &Config,
         store: Arc<SandboxStore>,
-        spec: &Spec,
+        setup: &SandboxSetup,
     ) -> Result<Arc<dyn Sandbox>> {
         let paths = SandboxPaths::new(&config.state_dir, id);
-        match start(id, config, &paths, store, spec).await {
+        match start(id, config, &paths, store, setup).await {
             Ok(sb) => Ok(Arc::new(sb)),
             Err(e) => {
                 let report =
@@ -169,11 +169,9 @@ async fn start(
     config: &Config,
     paths: &SandboxPaths,
     store: Arc<SandboxStore>,
-    spec: &Spec,
+    setup: &SandboxSetup,
 ) -> Result<QemuSandbox> {
-    let hostname = spec.hostname().clone().unwrap_or_default();
     let mut vm_config = vm_config(config, paths)?;
-    let pod_network = network::pod_network(spec)?;
     for d in [
         &config.state_dir,
         &config.sandboxes_dir(),
@@ -190,7 +188,7 @@ async fn start(
     // for a spec that asked for a new one. QEMU runs in it. What CNI put
     // there already is discovered now (a bad namespace fails here) and
     // cold-plugged; what comes later, before the sandbox's first Start.
-    let (netns, netns_given) = match pod_network {
+    let (netns, netns_given) = match setup.network.clone() {
         network::PodNetwork::Netns(ns) => (ns, true),
         network::PodNetwork::Loopback => {
             let own = paths.netns_file();
@@ -285,7 +283,8 @@ async fn start(
         .await?;
     let mut req = agent::CreateSandboxRequest::new();
     req.sandbox_id = id.to_string();
-    req.hostname = hostname;
+    req.hostname = setup.hostname.clone();
+    req.pod_namespaces = setup.pod_namespaces;
     req.storages.push(agent::Storage {
         driver: "virtiofs".into(),
         source: SHARE_TAG.into(),
@@ -293,15 +292,24 @@ async fn start(
         mount_point: GUEST_SHARED_DIR.into(),
         ..Default::default()
     });
-    let setup = async {
+    let create = async {
         agent
             .create_sandbox(&req)
             .await
             .map_err(|e| Error::from(e).context("setting up the sandbox in the guest"))
     };
-    exits
-        .race("setting up the sandbox in the guest", &console, setup)
+    let created = exits
+        .race("setting up the sandbox in the guest", &console, create)
         .await?;
+    let pod_pid = match (setup.pod_namespaces, created.pod_pid) {
+        (false, _) => None,
+        (true, 0) => {
+            return Err(Error::internal(
+                "the guest agent made no pod pause process (an agent older than this shim?)",
+            ))
+        }
+        (true, pid) => Some(pid),
+    };
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(faults::watch(
         id.to_string(),
@@ -309,9 +317,10 @@ async fn start(
         exits,
         stopping.clone(),
     ));
-    tracing::info!(sandbox = %id, pid = vm.pid(), "sandbox ready");
+    tracing::info!(sandbox = %id, pid = vm.pid(), ?pod_pid, "sandbox ready");
     Ok(QemuSandbox {
         id: id.to_string(),
+        pod_pid,
         paths: paths.clone(),
         mgr,
         slot,
@@ -351,6 +360,8 @@ struct PodNet {
 
 pub struct QemuSandbox {
     id: String,
+    /// The guest pid of the pod's pause process (no pause container).
+    pod_pid: Option<u32>,
     paths: SandboxPaths,
     mgr: DeviceManager,
     /// The VM as the device manager's backend; stopped at shutdown so no
@@ -375,6 +386,21 @@ impl Sandbox for QemuSandbox {
 
     fn vm_pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    fn pod_pid(&self) -> Option<u32> {
+        self.pod_pid
+    }
+
+    async fn wait_exit(&self) -> ExitStatus {
+        let mut rx = self.vm.exit_watch();
+        if rx.wait_for(|e| e.is_some()).await.is_err() {
+            // The watch closes without an exit only when the runtime shuts
+            // down (the shim is exiting): nothing is left to report to.
+            return std::future::pending().await;
+        }
+        let stopped = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+        ExitStatus::now(if stopped { 0 } else { 255 })
     }
 
     fn guest(&self) -> &dyn Guest {
