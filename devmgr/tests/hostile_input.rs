@@ -698,9 +698,9 @@ fn hostile_cases(host: &Host) -> Vec<Case> {
             r
         }],
         &[
-            "as /dev/xvdr)",
+            "as /dev/xvdr (b 7:",
             "cannot share",
-            "as /dev/own)",
+            "as /dev/own (b 7:",
             "already used read-write",
         ],
     );
@@ -836,7 +836,7 @@ async fn a_thousand_devices_beyond_the_pci_slots_are_refused_cleanly() {
     let mgr = DeviceManager::new(config(BlockDriver::VirtioBlk), backend.clone(), store).unwrap();
     let e = admit(&mgr, &host.resolver(), &s).await.unwrap_err();
     assert!(
-        e.contains("dev31 (block ") && e.contains("as /dev/loop31)"),
+        e.contains("dev31 (block ") && e.contains("as /dev/loop31 (b 7:31))"),
         "{e}"
     );
     assert!(e.contains("PCI slot space exhausted"), "{e}");

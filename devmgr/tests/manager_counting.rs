@@ -430,7 +430,7 @@ async fn errors_name_the_device() {
     let e = mgr.attach(&id).await.unwrap_err();
     let msg = e.to_string();
     assert!(
-        msg.contains("dev0 (block /dev/disk4 as /dev/xvd4)")
+        msg.contains("dev0 (block /dev/disk4 as /dev/xvd4 (b 8:4))")
             && msg.contains("attach failed")
             && msg.contains("injected"),
         "{msg}"

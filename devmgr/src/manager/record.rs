@@ -465,7 +465,7 @@ pub(crate) fn describe(
         None => format!("({what}"),
     };
     if let Some(info) = info {
-        s.push_str(&format!(" as {}", info.container_path.display()));
+        s.push_str(&format!(" as {}", crate::resolve::describe(info)));
     }
     s.push(')');
     s
