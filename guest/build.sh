@@ -9,7 +9,7 @@
 #     vmlinuz              the same kernel as a bzImage
 #     kernel.config        its .config
 #     initramfs-test.img   busybox + guest/test-init.sh as /init
-#     initramfs.img        same, with the --init binary as /init (only with --init)
+#     initramfs.img        the --init binary as /init, no userland (only with --init)
 #     kernel-version       e.g. 6.1.192-capsule
 # --kernel debian: Debian's linux-image-*-cloud-amd64 and the modules of
 #   guest/modules.txt (loaded at boot). Outputs in $OUT:
@@ -271,13 +271,6 @@ R="$TMP/root"
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,mnt,root,etc/capsule}
 chmod 1777 "$R/tmp"
 chmod 0700 "$R/root"
-install -m 0755 "$BUSYBOX" "$R/bin/busybox"
-while read -r applet; do
-    [ "$applet" = bin/busybox ] && continue
-    mkdir -p "$R/$(dirname "$applet")"
-    ln -sf /bin/busybox "$R/$applet"
-done < <("$BUSYBOX" --list-full)
-install -m 0644 "$GUEST_DIR/helpers.sh" "$R/etc/capsule/helpers.sh"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$R/etc/passwd"
 printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$R/etc/group"
 
@@ -397,10 +390,21 @@ make_image() {
     ) | gzip -n -9 >"$out"
 }
 
+# The test image's userland is busybox; the agent's image has none (the
+# agent runs nothing from the guest root, and every byte of the initramfs
+# stays in guest RAM).
 if [ "$build_test" = 1 ]; then
-    install -m 0755 "$GUEST_DIR/test-init.sh" "$R/init"
-    make_image "$R" "$TMP/initramfs-test.img"
-    rm -f "$R/init"
+    T="$TMP/test-root"
+    cp -a "$R" "$T"
+    install -m 0755 "$BUSYBOX" "$T/bin/busybox"
+    while read -r applet; do
+        [ "$applet" = bin/busybox ] && continue
+        mkdir -p "$T/$(dirname "$applet")"
+        ln -sf /bin/busybox "$T/$applet"
+    done < <("$BUSYBOX" --list-full)
+    install -m 0644 "$GUEST_DIR/helpers.sh" "$T/etc/capsule/helpers.sh"
+    install -m 0755 "$GUEST_DIR/test-init.sh" "$T/init"
+    make_image "$T" "$TMP/initramfs-test.img"
 fi
 if [ "$build_agent" = 1 ]; then
     install -m 0755 "$INIT_BIN" "$R/init"

@@ -1,19 +1,19 @@
-//! Figure 4, density: 1, 2 and 4 sandboxes started concurrently.
+//! Figure 4, density: 1, 2, 4 and 8 sandboxes started concurrently.
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use capsule_tests::{Env, IMAGE, RUNTIME};
 
 use crate::host::{ctr, timed_ok};
-use crate::memory::{sandbox_pss, SETTLE};
+use crate::memory::{sandbox_memory, BUDGET_MIB, SETTLE};
 use crate::report::Figure;
 use crate::stats::{Ratio, Series};
 
-pub const COUNTS: [usize; 3] = [1, 2, 4];
+pub const COUNTS: [usize; 4] = [1, 2, 4, 8];
 
-const METHOD_START: &str = "N `ctr run -d --runtime io.containerd.capsule.v2 IMAGE id sleep 1000000` started at once (one thread each); timed from the first spawn until the last `ctr run -d` returned (the task is started then; every task is checked RUNNING afterwards, untimed). Order per round: N = 1, 2, 4; all removed and the host checked clean between.";
+const METHOD_START: &str = "N `ctr run -d --runtime io.containerd.capsule.v2 IMAGE id sleep 1000000` started at once (one thread each); timed from the first spawn until the last `ctr run -d` returned (the task is started then; every task is checked RUNNING afterwards, untimed). Order per round: N = 1, 2, 4, 8; all removed and the host checked clean between.";
 
-const METHOD_MEM: &str = "Sum over the N sandboxes of the PSS of QEMU, virtiofsd and the shim, read 2 s after they all started.";
+const METHOD_MEM: &str = "Sum over the N sandboxes of the PSS of QEMU, virtiofsd and the shim, read 10 s after they all started.";
 
 /// Starts `n` sandboxes at once; returns (ms until all started, total PSS MiB).
 fn sample(env: &Env, tag: &str, n: usize) -> Result<(f64, f64)> {
@@ -57,8 +57,7 @@ fn sample(env: &Env, tag: &str, n: usize) -> Result<(f64, f64)> {
         std::thread::sleep(SETTLE);
         let mut pss = 0.0;
         for id in &ids {
-            let (q, v, s) = sandbox_pss(env, id)?;
-            pss += q + v + s;
+            pss += sandbox_memory(env, id)?.total();
         }
         Ok(pss)
     })();
@@ -115,6 +114,15 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
             "below 1.0: sandboxes share pages",
         ));
     }
+    let last = COUNTS.len() - 1;
+    let n = COUNTS[last];
+    fm.ratios.push(Ratio::new(
+        &format!("per-sandbox PSS at {n} / 64 MiB budget"),
+        mem[last].median() / n as f64,
+        BUDGET_MIB,
+        Some(1.0),
+        "total PSS of N sandboxes / N",
+    ));
     fs.series = start;
     fm.series = mem;
     Ok(vec![fs, fm])

@@ -99,9 +99,30 @@ pub fn tree(pid: u32) -> Vec<u32> {
     out
 }
 
-/// PSS of `pid` and its descendants, in MiB.
-pub fn pss_tree_mib(pid: u32) -> Result<f64> {
-    tree(pid).into_iter().map(pss_mib).sum()
+/// The PSS of a process tree by kind of page, in MiB (smaps_rollup's
+/// Pss_Anon, Pss_File, Pss_Shmem).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PssSplit {
+    /// Private anonymous memory (QEMU's heap, TCG's translation cache).
+    pub anon: f64,
+    /// File pages: the binary and its libraries, shared with every process
+    /// that maps them.
+    pub file: f64,
+    /// Shared memory: a VM's guest RAM (memory-backend-memfd), split among
+    /// QEMU and the vhost-user backends that map it.
+    pub shmem: f64,
+}
+
+/// [`PssSplit`] of `pid` and its descendants.
+pub fn pss_split_tree(pid: u32) -> Result<PssSplit> {
+    let mut s = PssSplit::default();
+    for p in tree(pid) {
+        let f = format!("/proc/{p}/smaps_rollup");
+        s.anon += kib_field(&f, "Pss_Anon:")? / 1024.0;
+        s.file += kib_field(&f, "Pss_File:")? / 1024.0;
+        s.shmem += kib_field(&f, "Pss_Shmem:")? / 1024.0;
+    }
+    Ok(s)
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> String {

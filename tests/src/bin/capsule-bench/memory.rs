@@ -1,23 +1,43 @@
 //! Figure 3, memory: the shim's RSS against containerd-shim-runc-v2's, and the
-//! per-sandbox host memory (PSS of QEMU, virtiofsd, shim).
+//! per-sandbox host memory (PSS of QEMU, virtiofsd, shim), split by kind.
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use capsule_tests::{processes, Env, IMAGE, RUNTIME};
 
-use crate::host::{pss_mib, pss_tree_mib, rss_mib};
+use crate::host::{pss_mib, pss_split_tree, rss_mib};
 use crate::report::Figure;
 use crate::stats::{Ratio, Series};
 
 /// Time a started container is left before its memory is read.
-pub const SETTLE: Duration = Duration::from_secs(2);
+pub const SETTLE: Duration = Duration::from_secs(10);
 
-const METHOD_RSS: &str = "VmRSS (/proc/PID/status) of the shim serving one running container (`sleep`), read 2 s after `ctr run -d` returned: capsule's `containerd-shim-capsule-v2` as `make install` ships it (shim/build-dist.sh: static glibc, fat LTO, opt-level s) serving one sandbox, against `containerd-shim-runc-v2` serving one container. Order per round: capsule, runc; each removed before the next.";
+/// The most host memory (PSS, MiB) one sandbox with one idle container may
+/// take.
+pub const BUDGET_MIB: f64 = 64.0;
 
-const METHOD_PSS: &str = "PSS (/proc/PID/smaps_rollup) of the processes serving the capsule sandbox of figure 3, same moment: QEMU (and any children), virtiofsd (and its children), the shim. Shared pages are split among their users, so the sum is the sandbox's share of host memory.";
+const METHOD_RSS: &str = "VmRSS (/proc/PID/status) of the shim serving one running container (`sleep`), read 10 s after `ctr run -d` returned: capsule's `containerd-shim-capsule-v2` as `make install` ships it (shim/build-dist.sh: static glibc, fat LTO, opt-level s) serving one sandbox, against `containerd-shim-runc-v2` serving one container. Order per round: capsule, runc; each removed before the next.";
 
-/// PSS (MiB) of one capsule sandbox: (QEMU, virtiofsd, shim).
-pub fn sandbox_pss(env: &Env, sandbox: &str) -> Result<(f64, f64, f64)> {
+const METHOD_PSS: &str = "PSS (/proc/PID/smaps_rollup) of the processes serving the capsule sandbox of figure 3 (one idle `sleep` container, 256 MiB guest), same moment, 10 s after start: QEMU (and any children), virtiofsd (and its children), the shim. Shared pages are split among their users, so the sum is the sandbox's share of host memory. Split: *guest RAM* is the shared-memory PSS (the memfd backing guest RAM, mapped by QEMU and virtiofsd), *QEMU anon* QEMU's private anonymous memory (heap, TCG's translation cache), *QEMU files* its binary and libraries, *virtiofsd* and *shim* the rest of each.";
+
+/// Host memory (PSS, MiB) of one capsule sandbox, by where it goes.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxMemory {
+    pub guest_ram: f64,
+    pub qemu_anon: f64,
+    pub qemu_files: f64,
+    pub virtiofsd: f64,
+    pub shim: f64,
+}
+
+impl SandboxMemory {
+    pub fn total(&self) -> f64 {
+        self.guest_ram + self.qemu_anon + self.qemu_files + self.virtiofsd + self.shim
+    }
+}
+
+/// The host memory of sandbox `sandbox` (its processes from sandbox.json).
+pub fn sandbox_memory(env: &Env, sandbox: &str) -> Result<SandboxMemory> {
     let rec = env
         .sandbox_record(sandbox)
         .ok_or_else(|| anyhow!("no sandbox.json for {sandbox}"))?;
@@ -27,11 +47,15 @@ pub fn sandbox_pss(env: &Env, sandbox: &str) -> Result<(f64, f64, f64)> {
             .map(|p| p as u32)
             .ok_or_else(|| anyhow!("sandbox.json of {sandbox}: no {k}.pid"))
     };
-    Ok((
-        pss_tree_mib(pid("qemu")?)?,
-        pss_tree_mib(pid("virtiofsd")?)?,
-        pss_mib(pid("shim")?)?,
-    ))
+    let qemu = pss_split_tree(pid("qemu")?)?;
+    let vfs = pss_split_tree(pid("virtiofsd")?)?;
+    Ok(SandboxMemory {
+        guest_ram: qemu.shmem + vfs.shmem,
+        qemu_anon: qemu.anon,
+        qemu_files: qemu.file,
+        virtiofsd: vfs.anon + vfs.file,
+        shim: pss_mib(pid("shim")?)?,
+    })
 }
 
 /// The containerd-shim-runc-v2 of container `id` in `env`.
@@ -52,10 +76,12 @@ fn runc_shim(env: &Env, id: &str) -> Result<u32> {
 pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
     let mut cap = Series::new("capsule shim VmRSS");
     let mut runc = Series::new("runc shim VmRSS");
-    let mut qemu = Series::new("QEMU PSS");
-    let mut vfs = Series::new("virtiofsd PSS");
-    let mut shim = Series::new("capsule shim PSS");
-    let mut total = Series::new("sandbox total PSS");
+    let mut ram = Series::new("guest RAM");
+    let mut anon = Series::new("QEMU anon");
+    let mut files = Series::new("QEMU files");
+    let mut vfs = Series::new("virtiofsd");
+    let mut shim = Series::new("shim");
+    let mut total = Series::new("sandbox total");
     for r in 0..rounds {
         let id = format!("mem-c-{r}");
         env.ctr_ok(&[
@@ -73,11 +99,13 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
             .shim_pid(&id)
             .ok_or_else(|| anyhow!("no shim pid for {id}"))?;
         cap.samples.push(rss_mib(pid)?);
-        let (q, v, s) = sandbox_pss(env, &id)?;
-        qemu.samples.push(q);
-        vfs.samples.push(v);
-        shim.samples.push(s);
-        total.samples.push(q + v + s);
+        let m = sandbox_memory(env, &id)?;
+        ram.samples.push(m.guest_ram);
+        anon.samples.push(m.qemu_anon);
+        files.samples.push(m.qemu_files);
+        vfs.samples.push(m.virtiofsd);
+        shim.samples.push(m.shim);
+        total.samples.push(m.total());
         env.remove(&id);
 
         let id = format!("mem-r-{r}");
@@ -87,8 +115,8 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         runc.samples.push(rss_mib(pid).context("runc shim")?);
         env.remove(&id);
         eprintln!(
-            "memory round {r}: shim RSS capsule {:.1} MiB, runc {:.1} MiB; PSS QEMU {q:.1}, virtiofsd {v:.1}, shim {s:.1}",
-            cap.samples[r], runc.samples[r]
+            "memory round {r}: shim RSS capsule {:.1} MiB, runc {:.1} MiB; sandbox PSS {:.1} MiB = guest RAM {:.1} + QEMU anon {:.1} + QEMU files {:.1} + virtiofsd {:.1} + shim {:.1}",
+            cap.samples[r], runc.samples[r], m.total(), m.guest_ram, m.qemu_anon, m.qemu_files, m.virtiofsd, m.shim
         );
     }
     env.assert_clean(Duration::from_secs(60))?;
@@ -108,12 +136,19 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         METHOD_PSS,
     );
     p.ratios.push(Ratio::new(
+        "sandbox PSS / 64 MiB budget",
+        total.median(),
+        BUDGET_MIB,
+        Some(1.0),
+        "QEMU + virtiofsd + shim, one idle container, 10 s after start",
+    ));
+    p.ratios.push(Ratio::new(
         "shim share of the sandbox's PSS",
         shim.median(),
         total.median(),
         None,
         "capsule shim PSS / (QEMU + virtiofsd + shim)",
     ));
-    p.series = vec![qemu, vfs, shim, total];
+    p.series = vec![ram, anon, files, vfs, shim, total];
     Ok(vec![f, p])
 }
