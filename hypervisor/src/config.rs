@@ -216,9 +216,11 @@ pub struct VmConfig {
     /// For tests: a runtime that must survive its own restart leaves it off.
     #[serde(default)]
     pub die_with_parent: bool,
-    /// TCG's translation cache, MiB (`-accel tcg,tb-size=`): what the boot
-    /// needs (about 30 MiB) with room, instead of QEMU's 1 GiB default, so a
-    /// long-lived guest's code cache cannot grow past it.
+    /// TCG's translation cache, MiB (`-accel tcg,tb-size=`), instead of
+    /// QEMU's 1 GiB default. The cache is host memory of its own (a
+    /// sandbox's largest share after guest RAM): with 64 MiB the boot fills
+    /// 47 MiB of it; with 16, the boot takes about 8% longer (measured:
+    /// `ctr run --rm … true` 1.80 s against 1.95 s) for 35 MiB less.
     #[serde(default = "default_tb_size")]
     pub tcg_tb_size_mib: u32,
     /// A virtio-balloon with free page reporting: pages the guest frees go
@@ -251,7 +253,7 @@ fn default_true() -> bool {
     true
 }
 fn default_tb_size() -> u32 {
-    64
+    16
 }
 
 impl VmConfig {

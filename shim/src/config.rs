@@ -62,6 +62,9 @@ pub struct HypervisorSection {
     pub kernel_params: String,
     /// auto (KVM when it really works), kvm or tcg.
     pub accel: AccelMode,
+    /// TCG's translation cache, MiB (host memory per sandbox; a smaller
+    /// cache retranslates more). Unused under KVM.
+    pub tcg_translation_cache_mib: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +176,7 @@ impl Default for HypervisorSection {
             initramfs: DEFAULT_INITRAMFS.into(),
             kernel_params: String::new(),
             accel: AccelMode::Auto,
+            tcg_translation_cache_mib: 16,
         }
     }
 }
@@ -367,6 +371,12 @@ impl Config {
             return bad(
                 "hypervisor.memory_mib",
                 format!("{} is below 64", h.memory_mib),
+            );
+        }
+        if !(4..=2048).contains(&h.tcg_translation_cache_mib) {
+            return bad(
+                "hypervisor.tcg_translation_cache_mib",
+                format!("{} is outside 4..=2048", h.tcg_translation_cache_mib),
             );
         }
         for (key, p) in [

@@ -258,7 +258,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(pairs(&a, "-machine"), ["pc,memory-backend=mem"]);
-        assert_eq!(pairs(&a, "-accel"), ["tcg,tb-size=64"]);
+        assert_eq!(pairs(&a, "-accel"), ["tcg,tb-size=16"]);
         assert!(pairs(&a, "-cpu").is_empty());
         assert_eq!(pairs(&a, "-m"), ["256M"]);
         assert_eq!(

@@ -65,6 +65,7 @@ pub fn vm_config(config: &Config, paths: &SandboxPaths) -> Result<VmConfig> {
         .trim()
         .to_string();
     vm.accel = h.accel;
+    vm.tcg_tb_size_mib = h.tcg_translation_cache_mib;
     vm.accel_cache_dir = Some(config.state_dir.join("cache"));
     // The host agent client speaks virtio-serial (the config refuses vsock).
     vm.agent = AgentConfig {
