@@ -450,52 +450,10 @@ async fn oom_events_and_privileged_devices() {
 
     // Privileged: the allow-all device rule gives the guest's devices and
     // the spec's capabilities.
-    let all_caps: Vec<String> = [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "DAC_READ_SEARCH",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "SETGID",
-        "SETUID",
-        "SETPCAP",
-        "LINUX_IMMUTABLE",
-        "NET_BIND_SERVICE",
-        "NET_BROADCAST",
-        "NET_ADMIN",
-        "NET_RAW",
-        "IPC_LOCK",
-        "IPC_OWNER",
-        "SYS_MODULE",
-        "SYS_RAWIO",
-        "SYS_CHROOT",
-        "SYS_PTRACE",
-        "SYS_PACCT",
-        "SYS_ADMIN",
-        "SYS_BOOT",
-        "SYS_NICE",
-        "SYS_RESOURCE",
-        "SYS_TIME",
-        "SYS_TTY_CONFIG",
-        "MKNOD",
-        "LEASE",
-        "AUDIT_WRITE",
-        "AUDIT_CONTROL",
-        "SETFCAP",
-        "MAC_OVERRIDE",
-        "MAC_ADMIN",
-        "SYSLOG",
-        "WAKE_ALARM",
-        "BLOCK_SUSPEND",
-        "AUDIT_READ",
-        "PERFMON",
-        "BPF",
-        "CHECKPOINT_RESTORE",
-    ]
-    .iter()
-    .map(|c| format!("CAP_{c}"))
-    .collect();
+    let all_caps: Vec<String> = capsule_agent::container::spec::CAPS
+        .iter()
+        .map(|c| format!("CAP_{c}"))
+        .collect();
     let script = "ls /dev; grep CapEff /proc/self/status; test -c /dev/kmsg && echo kmsg-ok; \
                   test -e /dev/console && echo console-there; test -L /dev/ptmx && echo ptmx-link; \
                   head -c 4 /dev/hwrng | wc -c";

@@ -103,6 +103,94 @@ pub struct SpawnOptions<'a> {
     /// Run it in this network namespace (an open nsfs descriptor), e.g. the
     /// pod's: QEMU itself needs no host network.
     pub netns: Option<RawFd>,
+    /// Capabilities it keeps (bit numbers); every other one is dropped from
+    /// its bounding, inheritable and ambient sets before exec, so a root
+    /// process runs with these alone. `None`: left as they are.
+    pub keep_capabilities: Option<&'a [u32]>,
+}
+
+/// What QEMU keeps of root's capabilities: CAP_IPC_LOCK, to pin guest
+/// memory for VFIO's DMA mappings. Everything else it opens is root's own
+/// (device nodes, the state directory, sockets), so file permissions
+/// suffice; taps arrive as descriptors, and the netns is entered before
+/// exec.
+pub const QEMU_CAPABILITIES: &[u32] = &[CAP_IPC_LOCK];
+
+/// linux/capability.h
+const CAP_IPC_LOCK: u32 = 14;
+
+/// The highest capability number this code knows (CAP_CHECKPOINT_RESTORE);
+/// dropping stops at the first number the kernel rejects.
+const CAP_LAST_KNOWN: u32 = 40;
+
+/// Drops every capability not in `keep` from the bounding set, clears the
+/// inheritable and ambient sets. Runs between fork and exec: only
+/// async-signal-safe syscalls.
+fn drop_capabilities(keep: &[u32]) -> io::Result<()> {
+    for cap in 0..=CAP_LAST_KNOWN {
+        if keep.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } < 0 {
+            let e = io::Error::last_os_error();
+            // EINVAL: a capability this kernel does not have.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(e);
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // The inheritable set: capget, clear, capset (v3: two 32-bit words).
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut hdr = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget writes two Data words for a v3 header; both outlive
+    // the call.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for d in &mut data {
+        d.inheritable = 0;
+    }
+    // SAFETY: capset reads the header and two Data words, which outlive
+    // the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A running (or exited) QEMU process.
@@ -157,9 +245,10 @@ impl VmProcess {
         let fds = opts.inherit_fds.clone();
         let die = opts.die_with_parent;
         let netns = opts.netns;
+        let keep: Option<Vec<u32>> = opts.keep_capabilities.map(<[u32]>::to_vec);
         // SAFETY: the closure only makes async-signal-safe syscalls (setns,
-        // fcntl, prctl) on descriptors the caller keeps open until spawn
-        // returns.
+        // fcntl, prctl, capget/capset) on descriptors the caller keeps open
+        // until spawn returns; `keep` was allocated before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(ns) = netns {
@@ -174,6 +263,10 @@ impl VmProcess {
                 }
                 if die && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // Last: setns needs CAP_SYS_ADMIN.
+                if let Some(keep) = &keep {
+                    drop_capabilities(keep)?;
                 }
                 Ok(())
             });

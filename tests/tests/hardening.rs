@@ -1,8 +1,9 @@
 //! A live sandbox's state is private and its helpers are confined: every
 //! directory under the state directory is 0700 and every file, log and
 //! socket 0600 (mount points of the container's filesystems excepted: they
-//! show the mounted filesystem); QEMU runs under its seccomp sandbox and
-//! virtiofsd in its own mount namespace.
+//! show the mounted filesystem); QEMU runs under its seccomp sandbox with
+//! CAP_IPC_LOCK as its only capability, and virtiofsd in its own mount
+//! namespace.
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -110,6 +111,22 @@ fn a_live_sandbox_is_private_and_its_helpers_confined() -> Result<()> {
         "QEMU's Seccomp is {:?}",
         status_field(qemu, "Seccomp")
     );
+    // QEMU keeps CAP_IPC_LOCK (VFIO pins guest memory) and nothing else,
+    // although it runs as root.
+    for field in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = status_field(qemu, field).unwrap_or_default();
+        ensure!(
+            u64::from_str_radix(&v, 16).ok() == Some(1 << 14),
+            "QEMU's {field} is {v:?}, not CAP_IPC_LOCK alone (0000000000004000)"
+        );
+    }
+    for field in ["CapInh", "CapAmb"] {
+        let v = status_field(qemu, field).unwrap_or_default();
+        ensure!(
+            u64::from_str_radix(&v, 16).ok() == Some(0),
+            "QEMU's {field} is {v:?}"
+        );
+    }
     let vfs = rec["virtiofsd"]["pid"].as_u64().context("virtiofsd pid")? as u32;
     let ns = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
     // virtiofsd (or the child it serves from) in a mount namespace of its

@@ -307,7 +307,7 @@ fn rlimit(r: &PosixRlimit) -> (i32, u64, u64) {
 }
 
 /// Linux capability numbers, by OCI name without the `CAP_` prefix.
-const CAPS: &[&str] = &[
+pub const CAPS: &[&str] = &[
     "CHOWN",
     "DAC_OVERRIDE",
     "DAC_READ_SEARCH",

@@ -349,6 +349,7 @@ async fn start(
                 .collect(),
             die_with_parent: config.die_with_parent,
             netns: netns.as_ref().map(AsRawFd::as_raw_fd),
+            keep_capabilities: Some(crate::process::QEMU_CAPABILITIES),
         },
     )
     .map_err(|e| HypervisorError::Start {

@@ -51,6 +51,7 @@ pub async fn spawn(
             inherit_fds: Vec::new(),
             die_with_parent: false,
             netns: None,
+            keep_capabilities: None,
         },
     )
     .map_err(|e| crate::error::io(format!("starting {}", bin.display()), e))?;
