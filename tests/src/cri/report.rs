@@ -1,0 +1,74 @@
+//! The suite's report: one table per runtime, and the verdict (what makes
+//! the test fail).
+use std::fmt::Write;
+use std::time::Duration;
+
+use super::suite::{Outcome, Runtime, Status};
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// A markdown table of `runtime`'s outcomes.
+pub fn table(outcomes: &[Outcome], runtime: Runtime) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "| case | result | time | detail |");
+    let _ = writeln!(t, "|---|---|---|---|");
+    for o in outcomes.iter().filter(|o| o.runtime == runtime) {
+        let (result, mut detail) = match &o.status {
+            Status::Pass => ("pass", String::new()),
+            Status::Fail(e) => ("FAIL", e.clone()),
+            Status::NotApplicable(why) => ("n/a", why.clone()),
+        };
+        if let Some(d) = o.expected_difference {
+            if runtime == Runtime::Capsule {
+                detail = format!("expected difference ({d}); {detail}");
+            }
+        }
+        for n in &o.notes {
+            if !detail.is_empty() {
+                detail.push_str("; ");
+            }
+            detail.push_str(n);
+        }
+        let _ = writeln!(
+            t,
+            "| {} | {} | {:.1} s | {} |",
+            o.case,
+            result,
+            o.elapsed.as_secs_f64(),
+            cell(&detail)
+        );
+    }
+    let total: Duration = outcomes
+        .iter()
+        .filter(|o| o.runtime == runtime)
+        .map(|o| o.elapsed)
+        .sum();
+    let _ = writeln!(t, "\ntotal {:.0} s", total.as_secs_f64());
+    t
+}
+
+/// What fails the suite: a case that fails on the control (runc: the case
+/// or the environment is broken), and a case that passes on runc but fails
+/// on capsule (for an expected difference, the capsule side of the case
+/// asserts the refusal, so a failure there means capsule did not refuse
+/// fast with the reason).
+pub fn verdict(outcomes: &[Outcome]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for o in outcomes.iter().filter(|o| o.runtime == Runtime::Runc) {
+        let capsule = outcomes
+            .iter()
+            .find(|c| c.runtime == Runtime::Capsule && c.case == o.case);
+        match (&o.status, capsule.map(|c| &c.status)) {
+            (Status::Fail(e), _) => {
+                problems.push(format!("{}: fails on runc (control): {e}", o.case))
+            }
+            (Status::Pass, Some(Status::Fail(e))) => {
+                problems.push(format!("{}: passes on runc, fails on capsule: {e}", o.case))
+            }
+            _ => {}
+        }
+    }
+    problems
+}
