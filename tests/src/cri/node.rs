@@ -124,13 +124,16 @@ impl Node {
             .prefix("capcri-")
             .tempdir_in("/tmp")?;
         let d = dir.path().to_path_buf();
-        for sub in ["bin", "logs", "cni/net.d", "cni/ipam", "cdi", "run"] {
+        for sub in ["bin", "logs", "cni/net.d", "cni/ipam", "cdi"] {
             std::fs::create_dir_all(d.join(sub))?;
         }
         std::os::unix::fs::symlink(&ready.shim, d.join("bin/containerd-shim-capsule-v2"))?;
         let netns = Netns::new(&format!("capcri-{}", std::process::id()))?;
         let capsule_config = d.join("capsule.toml");
-        let state_dir = d.join("run");
+        // Short: CRI's sandbox ids are 64 characters, and QEMU's sockets
+        // under <state_dir>/sandboxes/<id>/vm/ must fit sun_path (108).
+        let state_dir = PathBuf::from(format!("/run/capcri.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
         write_capsule_config(&capsule_config, &state_dir, ready, opts.memory_mib)?;
         let ipam_dir = d.join("cni/ipam");
         write_cni_config(&d.join("cni/net.d"), &ipam_dir)?;
@@ -258,13 +261,17 @@ impl Node {
         v
     }
 
-    /// QEMU processes started for this node: (pid, argv).
+    /// QEMU processes started for this node (an argument names the node's
+    /// directory or capsule's state dir): (pid, argv).
     pub fn qemu_processes(&self) -> Vec<(u32, Vec<String>)> {
         self.vm_processes(|base| base.starts_with("qemu-system"))
     }
 
     fn vm_processes(&self, want: impl Fn(&str) -> bool) -> Vec<(u32, Vec<String>)> {
-        let needle = self.dir.path().display().to_string();
+        let needles = [
+            self.dir.path().display().to_string(),
+            self.state_dir.display().to_string(),
+        ];
         processes()
             .into_iter()
             .filter(|(_, args)| {
@@ -273,7 +280,7 @@ impl Node {
                     .and_then(|a| Path::new(a).file_name())
                     .map(|b| b.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                want(&base) && args.iter().any(|a| a.contains(&needle))
+                want(&base) && args.iter().any(|a| needles.iter().any(|n| a.contains(n)))
             })
             .collect()
     }
@@ -321,8 +328,10 @@ impl Node {
         for (pid, args) in self.shim_processes() {
             out.push(format!("shim {pid}: {}", args.join(" ")));
         }
-        for m in mounts_under(self.dir.path()) {
-            out.push(format!("mount {}", m.display()));
+        for dir in [self.dir.path(), &self.state_dir] {
+            for m in mounts_under(dir) {
+                out.push(format!("mount {}", m.display()));
+            }
         }
         for s in self.capsule_sandboxes() {
             out.push(format!(
@@ -394,8 +403,10 @@ impl Node {
             for (pid, _) in self.shim_processes() {
                 crate::sigkill(pid);
             }
-            for m in mounts_under(self.dir.path()) {
-                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            for dir in [self.dir.path(), &self.state_dir] {
+                for m in mounts_under(dir) {
+                    let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+                }
             }
         }
         for lease in self.ipam_leases() {
@@ -567,9 +578,12 @@ impl Drop for Node {
         for (pid, _) in self.shim_processes() {
             crate::sigkill(pid);
         }
-        for m in mounts_under(self.dir.path()) {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        for dir in [self.dir.path(), &self.state_dir] {
+            for m in mounts_under(dir) {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
         }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
         remove_cgroups(&self.cgroup_parent);
         // Sockets in the node's directory, so TempDir's removal can't trip.
         if let Ok(d) = std::fs::read_dir(self.dir.path()) {

@@ -56,18 +56,26 @@ pub fn table(outcomes: &[Outcome], runtime: Runtime) -> String {
 /// fast with the reason).
 pub fn verdict(outcomes: &[Outcome]) -> Vec<String> {
     let mut problems = Vec::new();
-    for o in outcomes.iter().filter(|o| o.runtime == Runtime::Runc) {
-        let capsule = outcomes
-            .iter()
-            .find(|c| c.runtime == Runtime::Capsule && c.case == o.case);
-        match (&o.status, capsule.map(|c| &c.status)) {
-            (Status::Fail(e), _) => {
-                problems.push(format!("{}: fails on runc (control): {e}", o.case))
+    for o in outcomes {
+        let Status::Fail(e) = &o.status else {
+            continue;
+        };
+        match o.runtime {
+            Runtime::Runc => problems.push(format!("{}: fails on runc (control): {e}", o.case)),
+            Runtime::Capsule => {
+                let runc = outcomes
+                    .iter()
+                    .find(|r| r.runtime == Runtime::Runc && r.case == o.case);
+                match runc.map(|r| &r.status) {
+                    Some(Status::Pass) => problems
+                        .push(format!("{}: passes on runc, fails on capsule: {e}", o.case)),
+                    None => problems.push(format!(
+                        "{}: fails on capsule (runc not run): {e}",
+                        o.case
+                    )),
+                    _ => {}
+                }
             }
-            (Status::Pass, Some(Status::Fail(e))) => {
-                problems.push(format!("{}: passes on runc, fails on capsule: {e}", o.case))
-            }
-            _ => {}
         }
     }
     problems
