@@ -67,12 +67,12 @@ pub fn verdict(outcomes: &[Outcome]) -> Vec<String> {
                     .iter()
                     .find(|r| r.runtime == Runtime::Runc && r.case == o.case);
                 match runc.map(|r| &r.status) {
-                    Some(Status::Pass) => problems
-                        .push(format!("{}: passes on runc, fails on capsule: {e}", o.case)),
-                    None => problems.push(format!(
-                        "{}: fails on capsule (runc not run): {e}",
-                        o.case
-                    )),
+                    Some(Status::Pass) => {
+                        problems.push(format!("{}: passes on runc, fails on capsule: {e}", o.case))
+                    }
+                    None => {
+                        problems.push(format!("{}: fails on capsule (runc not run): {e}", o.case))
+                    }
                     _ => {}
                 }
             }

@@ -132,11 +132,22 @@ impl<'a> Ctx<'a> {
         self.node.cri.create_container(pod, c.clone(), p.clone())
     }
 
-    /// CreateContainer + StartContainer; the container is running.
-    pub fn start(&self, pod: &str, c: &ContainerConfig, p: &PodSandboxConfig) -> Result<String> {
+    /// CreateContainer + StartContainer (the runtime sees the container
+    /// only at StartContainer: CRI creates the task there).
+    pub fn try_start(
+        &self,
+        pod: &str,
+        c: &ContainerConfig,
+        p: &PodSandboxConfig,
+    ) -> CallResult<String> {
         let id = self.try_create(pod, c, p)?;
         self.node.cri.start_container(&id)?;
         Ok(id)
+    }
+
+    /// CreateContainer + StartContainer; the container is running.
+    pub fn start(&self, pod: &str, c: &ContainerConfig, p: &PodSandboxConfig) -> Result<String> {
+        Ok(self.try_start(pod, c, p)?)
     }
 
     pub fn status(&self, id: &str) -> Result<ContainerStatus> {

@@ -226,7 +226,7 @@ pub fn mount_bidirectional(ctx: &mut Ctx) -> Result<()> {
         MountPropagation::PropagationBidirectional,
     )];
     if ctx.is_capsule() {
-        let r = ctx.try_create(&pod, &c, &pcfg);
+        let r = ctx.try_start(&pod, &c, &pcfg);
         return expect_refusal(ctx, r, REFUSAL, "shared propagation back to the host");
     }
     let id = ctx.start(&pod, &c, &pcfg)?;

@@ -240,14 +240,18 @@ pub fn pod_sandbox_stats(ctx: &mut Ctx) -> Result<()> {
 /// The container's memory limit and CPU quota as its cgroup shows them
 /// (cgroup v2 or v1).
 fn cgroup_limits(ctx: &Ctx, id: &str) -> Result<(String, String)> {
+    let listing = ctx.sh(id, "ls /sys/fs/cgroup; grep cgroup /proc/self/mountinfo")?;
+    let listing = String::from_utf8_lossy(&listing.stdout).replace('\n', " ");
     let mem = ctx.sh_ok(
         id,
         "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
-    )?;
+    )
+    .with_context(|| format!("no memory limit file; /sys/fs/cgroup: {listing}"))?;
     let cpu = ctx.sh_ok(
         id,
         "cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)",
-    )?;
+    )
+    .with_context(|| format!("no CPU quota file; /sys/fs/cgroup: {listing}"))?;
     Ok((mem.trim().to_string(), cpu.trim().to_string()))
 }
 

@@ -182,10 +182,13 @@ pub fn container_lifecycle(ctx: &mut Ctx) -> Result<()> {
         s.state == ContainerState::ContainerExited as i32
             && s.exit_code == 0
             && s.finished_at >= s.started_at,
-        "stopped container: state {:?} exit {} reason {:?}",
+        "stopped container: state {:?} exit {} reason {:?}; started_at {} finished_at {} ({:+.3} s)",
         ContainerState::try_from(s.state),
         s.exit_code,
-        s.reason
+        s.reason,
+        s.started_at,
+        s.finished_at,
+        (s.finished_at - s.started_at) as f64 / 1e9
     );
     cri.remove_container(&id)?;
     match cri.container_status(&id) {
