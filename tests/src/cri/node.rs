@@ -400,9 +400,7 @@ impl Node {
             crate::sigkill(pid);
         }
         if self.cri.list_pod_sandbox(None).is_ok_and(|p| p.is_empty()) {
-            for (pid, _) in self.shim_processes() {
-                crate::sigkill(pid);
-            }
+            self.kill_shims();
             for dir in [self.dir.path(), &self.state_dir] {
                 for m in mounts_under(dir) {
                     let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
@@ -415,6 +413,33 @@ impl Node {
         for r in cni_results() {
             if !self.cni_results_before.contains(&r) {
                 let _ = std::fs::remove_file(Path::new(CNI_RESULTS).join(r));
+            }
+        }
+    }
+
+    /// SIGKILLs this node's shims and removes the sockets they served
+    /// (`-socket unix:///run/containerd/s/…`, containerd 2.x).
+    fn kill_shims(&self) {
+        let shims = self.shim_processes();
+        for (pid, _) in &shims {
+            crate::sigkill(*pid);
+        }
+        for (_, args) in &shims {
+            let socket = args
+                .iter()
+                .skip_while(|a| *a != "-socket")
+                .nth(1)
+                .and_then(|s| s.strip_prefix("unix://"))
+                .map(PathBuf::from);
+            if let Some(s) = socket {
+                let gone = wait_for(
+                    "a killed shim's socket to die",
+                    Duration::from_secs(5),
+                    || dead_shim_sockets().contains(&s).then_some(()),
+                );
+                if gone.is_ok() {
+                    let _ = std::fs::remove_file(&s);
+                }
             }
         }
     }
@@ -575,9 +600,7 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for (pid, _) in self.shim_processes() {
-            crate::sigkill(pid);
-        }
+        self.kill_shims();
         for dir in [self.dir.path(), &self.state_dir] {
             for m in mounts_under(dir) {
                 let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
