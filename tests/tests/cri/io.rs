@@ -56,6 +56,18 @@ pub fn exec_sync_timeout(ctx: &mut Ctx) -> Result<()> {
         ctx.sh_ok(&id, "echo alive")? == "alive\n",
         "the container no longer execs"
     );
+    let mut left = String::new();
+    let gone = capsule_tests::wait_for(
+        "the timed-out exec to be killed",
+        Duration::from_secs(10),
+        || {
+            left = ctx
+                .sh_ok(&id, "ps -o args | grep '[s]leep 1234'; true")
+                .ok()?;
+            left.is_empty().then_some(())
+        },
+    );
+    ensure!(gone.is_ok(), "the timed-out exec still runs: {left:?}");
     Ok(())
 }
 
