@@ -15,22 +15,18 @@ pub fn table(outcomes: &[Outcome], runtime: Runtime) -> String {
     let _ = writeln!(t, "| case | result | time | detail |");
     let _ = writeln!(t, "|---|---|---|---|");
     for o in outcomes.iter().filter(|o| o.runtime == runtime) {
-        let (result, mut detail) = match &o.status {
-            Status::Pass => ("pass", String::new()),
-            Status::Fail(e) => ("FAIL", e.clone()),
-            Status::NotApplicable(why) => ("n/a", why.clone()),
+        let (result, failure) = match &o.status {
+            Status::Pass => ("pass", None),
+            Status::Fail(e) => ("FAIL", Some(e.clone())),
+            Status::NotApplicable(why) => ("n/a", Some(why.clone())),
         };
-        if let Some(d) = o.expected_difference {
-            if runtime == Runtime::Capsule {
-                detail = format!("expected difference ({d}); {detail}");
-            }
+        let mut parts = Vec::new();
+        if let (Some(d), Runtime::Capsule) = (o.expected_difference, runtime) {
+            parts.push(format!("expected difference ({d})"));
         }
-        for n in &o.notes {
-            if !detail.is_empty() {
-                detail.push_str("; ");
-            }
-            detail.push_str(n);
-        }
+        parts.extend(failure);
+        parts.extend(o.notes.iter().cloned());
+        let detail = parts.join("; ");
         let _ = writeln!(
             t,
             "| {} | {} | {:.1} s | {} |",
