@@ -6,6 +6,8 @@
 //!
 //! Nothing system-wide changes except what containerd itself does: shim
 //! sockets land in `/run/containerd/s/<hash of our socket>`.
+pub mod cri;
+
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

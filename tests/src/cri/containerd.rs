@@ -1,0 +1,276 @@
+//! Which containerd the CRI suite drives, and its configuration with the CRI
+//! plugin enabled (runc the default runtime, capsule a second handler).
+//!
+//! `CAPSULE_CONTAINERD=1.6|1.7|2.1` (default 1.6: Debian 12's, from PATH);
+//! 1.7 and 2.1 come from `$CAPSULE_CONTAINERD_CACHE` (default
+//! `/var/cache/capsule/containerd`)`/<major.minor>/usr/bin`, which
+//! scripts/install-deps.sh fills. `CAPSULE_CRI_SANDBOXER=shim` makes the
+//! capsule handler use the Sandbox API (`sandboxer = "shim"`, 2.x only).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub const VERSION_ENV: &str = "CAPSULE_CONTAINERD";
+pub const CACHE_ENV: &str = "CAPSULE_CONTAINERD_CACHE";
+pub const DEFAULT_CACHE: &str = "/var/cache/capsule/containerd";
+pub const SANDBOXER_ENV: &str = "CAPSULE_CRI_SANDBOXER";
+
+/// The runtime handler names the suite configures.
+pub const RUNC_HANDLER: &str = "runc";
+pub const CAPSULE_HANDLER: &str = "capsule";
+
+/// How the capsule handler's pods are made (containerd 2.x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandboxer {
+    /// A pause container (the default, and the only mode of 1.x).
+    PodSandbox,
+    /// The shim serves the Sandbox API.
+    Shim,
+}
+
+impl Sandboxer {
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(SANDBOXER_ENV).unwrap_or_default().as_str() {
+            "" | "podsandbox" => Ok(Sandboxer::PodSandbox),
+            "shim" => Ok(Sandboxer::Shim),
+            o => bail!("{SANDBOXER_ENV}={o:?}: expected podsandbox or shim"),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sandboxer::PodSandbox => "podsandbox",
+            Sandboxer::Shim => "shim",
+        }
+    }
+}
+
+/// One containerd installation.
+#[derive(Debug, Clone)]
+pub struct Containerd {
+    /// "1.6", "1.7" or "2.1".
+    pub version: String,
+    pub containerd: PathBuf,
+    pub ctr: PathBuf,
+    /// Directory to put first on containerd's PATH (its own runc shim).
+    pub bin_dir: Option<PathBuf>,
+    /// `containerd --version`.
+    pub version_line: String,
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+impl Containerd {
+    /// The containerd of `$CAPSULE_CONTAINERD`.
+    pub fn from_env() -> Result<Self> {
+        Self::find(std::env::var(VERSION_ENV).unwrap_or_default().trim())
+    }
+
+    pub fn find(version: &str) -> Result<Self> {
+        let version = match version {
+            "" | "1.6" => "1.6",
+            "1.7" => "1.7",
+            "2" | "2.1" => "2.1",
+            o => bail!("{VERSION_ENV}={o:?}: expected 1.6, 1.7 or 2.1"),
+        };
+        let (containerd, ctr, bin_dir) = if version == "1.6" {
+            (
+                on_path("containerd")
+                    .ok_or_else(|| anyhow!("containerd not in PATH (scripts/install-deps.sh)"))?,
+                on_path("ctr").ok_or_else(|| anyhow!("ctr not in PATH"))?,
+                None,
+            )
+        } else {
+            let cache = std::env::var_os(CACHE_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_CACHE.into());
+            let bin = cache.join(version).join("usr/bin");
+            (bin.join("containerd"), bin.join("ctr"), Some(bin))
+        };
+        for b in [&containerd, &ctr] {
+            if !b.is_file() {
+                bail!(
+                    "containerd {version}: {} is missing (scripts/install-deps.sh fetches it)",
+                    b.display()
+                );
+            }
+        }
+        let out = Command::new(&containerd)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", containerd.display()))?;
+        let version_line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let reported = version_line.split_whitespace().nth(2).unwrap_or_default();
+        if !reported.starts_with(&format!("{version}.")) {
+            bail!(
+                "{} reports {version_line:?}, not containerd {version}",
+                containerd.display()
+            );
+        }
+        Ok(Self {
+            version: version.to_string(),
+            containerd,
+            ctr,
+            bin_dir,
+            version_line,
+        })
+    }
+
+    /// containerd 2.x: config `version = 3`, CRI split in several plugins,
+    /// CDI and PodSandboxStats.
+    pub fn is_2x(&self) -> bool {
+        self.version.starts_with('2')
+    }
+}
+
+/// What the configuration names.
+pub struct ConfigInput<'a> {
+    pub dir: &'a Path,
+    pub sandbox_image: &'a str,
+    pub capsule_config: &'a Path,
+    pub cni_conf_dir: &'a Path,
+    pub cni_bin_dir: &'a Path,
+    pub cdi_dir: &'a Path,
+    pub sandboxer: Sandboxer,
+}
+
+fn common(version: u32, dir: &Path, disabled: &[&str]) -> String {
+    let disabled = disabled
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"version = {version}
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [{disabled}]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+  level = "debug"
+[metrics]
+  address = ""
+"#,
+        d = dir.display()
+    )
+}
+
+/// Plugins that would touch the host beyond the private directories, or
+/// that the suite does not use.
+const DISABLED: &[&str] = &[
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.internal.v1.opt",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.nri.v1.nri",
+];
+
+impl Containerd {
+    /// A private daemon's configuration with the CRI plugin: its own root,
+    /// state, sockets, CNI and CDI directories under `i.dir`; network
+    /// namespaces under its state dir; AppArmor off (it would load a
+    /// profile into the host kernel); oom_score_adj kept at or above
+    /// containerd's own (lowering it needs CAP_SYS_RESOURCE, which CI
+    /// sandboxes may lack: the pause container's -998 fails runc).
+    pub fn config(&self, i: &ConfigInput) -> String {
+        if self.is_2x() {
+            self.config_v3(i)
+        } else {
+            self.config_v2(i)
+        }
+    }
+
+    fn config_v2(&self, i: &ConfigInput) -> String {
+        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+        format!(
+            r#"{common}
+[{cri}]
+  sandbox_image = "{pause}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+  [{cri}.cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{cni_conf}"
+    max_conf_num = 1
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "{runc}"
+    [{cri}.containerd.runtimes.{runc}]
+      runtime_type = "io.containerd.runc.v2"
+    [{cri}.containerd.runtimes.{capsule}]
+      runtime_type = "io.containerd.capsule.v2"
+      [{cri}.containerd.runtimes.{capsule}.options]
+        ConfigPath = "{capsule_config}"
+"#,
+            common = common(2, i.dir, DISABLED),
+            pause = i.sandbox_image,
+            cni_bin = i.cni_bin_dir.display(),
+            cni_conf = i.cni_conf_dir.display(),
+            runc = RUNC_HANDLER,
+            capsule = CAPSULE_HANDLER,
+            capsule_config = i.capsule_config.display(),
+        )
+    }
+
+    fn config_v3(&self, i: &ConfigInput) -> String {
+        let images = r#"plugins."io.containerd.cri.v1.images""#;
+        let rt = r#"plugins."io.containerd.cri.v1.runtime""#;
+        format!(
+            r#"{common}
+[{images}]
+  snapshotter = "overlayfs"
+  [{images}.pinned_images]
+    sandbox = "{pause}"
+[{rt}]
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+  enable_cdi = true
+  cdi_spec_dirs = ["{cdi}"]
+  [{rt}.cni]
+    bin_dirs = ["{cni_bin}"]
+    conf_dir = "{cni_conf}"
+    max_conf_num = 1
+  [{rt}.containerd]
+    default_runtime_name = "{runc}"
+    [{rt}.containerd.runtimes.{runc}]
+      runtime_type = "io.containerd.runc.v2"
+      sandboxer = "podsandbox"
+    [{rt}.containerd.runtimes.{capsule}]
+      runtime_type = "io.containerd.capsule.v2"
+      sandboxer = "{sandboxer}"
+      [{rt}.containerd.runtimes.{capsule}.options]
+        ConfigPath = "{capsule_config}"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#,
+            common = common(3, i.dir, DISABLED),
+            pause = i.sandbox_image,
+            cdi = i.cdi_dir.display(),
+            cni_bin = i.cni_bin_dir.display(),
+            cni_conf = i.cni_conf_dir.display(),
+            runc = RUNC_HANDLER,
+            capsule = CAPSULE_HANDLER,
+            sandboxer = i.sandboxer.as_str(),
+            capsule_config = i.capsule_config.display(),
+        )
+    }
+}
