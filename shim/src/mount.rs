@@ -92,10 +92,27 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
+/// How a bind into the share follows mounts made under its source later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// A peer of the source (slave in virtiofsd's namespace): later mounts
+    /// under the source reach the VM (`rslave`, and binds that name none).
+    FromHost,
+    /// A copy of its own (`rprivate`, Kubernetes' default): later mounts
+    /// under the source never reach the VM.
+    Private,
+}
+
 /// Bind-mounts `src` (file or directory) on `root/rel`, creating the mount
 /// point without following a symlink anywhere below `root`; read-only when
 /// asked.
-pub fn bind_below(root: &Path, rel: &Path, src: &Path, read_only: bool) -> Result<()> {
+pub fn bind_below(
+    root: &Path,
+    rel: &Path,
+    src: &Path,
+    read_only: bool,
+    propagation: Propagation,
+) -> Result<()> {
     let dst = root.join(rel);
     let what = || format!("bind-mounting {} on {}", src.display(), dst.display());
     let meta = std::fs::metadata(src).map_err(|e| crate::error::io(what(), e))?;
@@ -142,14 +159,19 @@ pub fn bind_below(root: &Path, rel: &Path, src: &Path, read_only: bool) -> Resul
         )
     }
     .map_err(|e| sys("opening the mount point (a symlink is never followed)", e))?;
-    mount(
-        Some(src),
-        &fd_path(&target),
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| sys("mount", e))?;
+    match propagation {
+        Propagation::FromHost => mount(
+            Some(src),
+            &fd_path(&target),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| sys("mount", e))?,
+        Propagation::Private => private_tree(src)
+            .and_then(|tree| move_tree(&tree, &target))
+            .map_err(|e| crate::error::io(format!("{}: private copy", what()), e))?,
+    }
     if read_only {
         // The mount now sits on `name`: open it again to reach the new
         // mount's root, not the directory under it.
@@ -173,6 +195,68 @@ pub fn bind_below(root: &Path, rel: &Path, src: &Path, read_only: bool) -> Resul
             let _ = umount2(&dst, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
             return Err(sys("read-only remount", e));
         }
+    }
+    Ok(())
+}
+
+/// A detached recursive copy of the mounts at `src` with private
+/// propagation. Attached in the share, it is a mount of its own, not a peer
+/// of `src` (the share's shared propagation gives it a new peer group), so
+/// what the host mounts under `src` later never reaches the VM.
+fn private_tree(src: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(src.as_os_str().as_bytes())?;
+    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32;
+    // SAFETY: open_tree(2) with a NUL-terminated path; it returns a new
+    // descriptor or -1 and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("open_tree: bad descriptor"))?;
+    // SAFETY: `fd` was just returned by open_tree and nothing else owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+    let attr = libc::mount_attr {
+        attr_set: 0,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr(2) on our descriptor with an empty path; `attr`
+    // lives across the call and its size is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tree)
+}
+
+/// Attaches the detached `tree` on the mount point `target` (opened without
+/// following a symlink).
+fn move_tree(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: move_mount(2) between two descriptors we hold, empty paths.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -307,22 +391,91 @@ mod tests {
         std::fs::write(src.join("f"), "x").unwrap();
         // The guest planted share/c1 -> victim.
         std::os::unix::fs::symlink(&victim, share.join("c1")).unwrap();
-        let e = bind_below(&share, Path::new("c1/rootfs"), &src, false).unwrap_err();
+        let e = bind_below(
+            &share,
+            Path::new("c1/rootfs"),
+            &src,
+            false,
+            Propagation::FromHost,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("symlink is never followed"), "{e}");
         assert!(std::fs::read_dir(&victim).unwrap().next().is_none());
         // A symlink as the last component is refused too.
         std::fs::create_dir_all(share.join("c2")).unwrap();
         std::os::unix::fs::symlink(&victim, share.join("c2/rootfs")).unwrap();
-        assert!(bind_below(&share, Path::new("c2/rootfs"), &src, false).is_err());
+        assert!(bind_below(
+            &share,
+            Path::new("c2/rootfs"),
+            &src,
+            false,
+            Propagation::Private
+        )
+        .is_err());
         assert!(!is_mount_point(&victim));
         // A plain path works, read-only too, and unmounts.
-        bind_below(&share, Path::new("c3/rootfs"), &src, true).unwrap();
+        bind_below(
+            &share,
+            Path::new("c3/rootfs"),
+            &src,
+            true,
+            Propagation::FromHost,
+        )
+        .unwrap();
         let m = share.join("c3/rootfs");
         assert!(is_mount_point(&m));
         assert!(std::fs::write(m.join("g"), "y").is_err(), "read-only");
         assert!(unmount_under(&share.join("c3")).is_empty());
         assert!(!is_mount_point(&m));
-        assert!(bind_below(&share, Path::new("../x"), &src, false).is_err());
+        assert!(bind_below(&share, Path::new("../x"), &src, false, Propagation::Private).is_err());
+    }
+
+    #[test]
+    fn a_private_bind_never_sees_later_host_mounts() {
+        let d = tempfile::tempdir().unwrap();
+        let share = d.path().join("share");
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::create_dir_all(&share).unwrap();
+        // The share is a shared mount point, as the sandbox's is.
+        make_shared_mountpoint(&share).unwrap();
+        // The source is a shared mount too (a host volume on a shared /).
+        make_shared_mountpoint(&src).unwrap();
+        bind_below(
+            &share,
+            Path::new("c1/priv"),
+            &src,
+            true,
+            Propagation::Private,
+        )
+        .unwrap();
+        bind_below(
+            &share,
+            Path::new("c1/slave"),
+            &src,
+            false,
+            Propagation::FromHost,
+        )
+        .unwrap();
+        let priv_ = share.join("c1/priv");
+        assert!(is_mount_point(&priv_));
+        assert!(std::fs::write(priv_.join("g"), "y").is_err(), "read-only");
+        // The host mounts under the source after the share was made.
+        mount(
+            Some("tmpfs"),
+            &src.join("sub"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::write(src.join("sub/late"), "late").unwrap();
+        assert!(share.join("c1/slave/sub/late").exists(), "rslave sees it");
+        assert!(!priv_.join("sub/late").exists(), "rprivate never does");
+        assert!(unmount_under(&share).is_empty());
+        let _ = umount2(&src.join("sub"), MntFlags::MNT_DETACH);
+        let _ = umount2(&src, MntFlags::MNT_DETACH);
+        let _ = umount2(&share, MntFlags::MNT_DETACH);
     }
 
     #[test]

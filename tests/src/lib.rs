@@ -136,7 +136,7 @@ fn ready() -> Result<Ready> {
     })
 }
 
-fn sha256(path: &Path) -> Result<String> {
+pub(crate) fn sha256(path: &Path) -> Result<String> {
     let out = Command::new("sha256sum").arg(path).output()?;
     let s = String::from_utf8_lossy(&out.stdout);
     s.split_whitespace()
@@ -145,7 +145,7 @@ fn sha256(path: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("sha256sum {}: no output", path.display()))
 }
 
-fn blob(dir: &Path, bytes: &[u8]) -> Result<(String, u64)> {
+pub(crate) fn blob(dir: &Path, bytes: &[u8]) -> Result<(String, u64)> {
     let tmp = dir.join("blob.tmp");
     std::fs::write(&tmp, bytes)?;
     let d = sha256(&tmp)?;

@@ -118,7 +118,7 @@ fn cri_runc_and_capsule() {
         Ok(o) => o,
         Err(e) => panic!("CRI suite: {e:#}"),
     };
-    let version = opts.containerd.version.clone();
+    let version = opts.containerd.version.as_str();
     let header = format!(
         "CRI suite: {} (capsule sandboxer: {})",
         opts.containerd.version_line,

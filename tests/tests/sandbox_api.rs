@@ -1,5 +1,5 @@
 //! containerd 2.1's CRI plugin with capsule as runtime handler, in both of
-//! its sandbox modes (see `node` for the private node):
+//! its sandbox modes (the CRI suite's private node, `capsule_tests::cri`):
 //!
 //! - `podsandbox`: the pod's sandbox is a pause container, capsule's first
 //!   task of the pod; the pod's containers join its shim and VM;
@@ -13,90 +13,41 @@
 //! and checks nothing is left (QEMU, virtiofsd, shim, state, mounts,
 //! bundles, sockets, CNI leases) and containerd logged no error about
 //! capsule. The VM runs under TCG: the calls get minutes.
-#[path = "sandbox_api/node.rs"]
-mod node;
-
-use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use k8s_cri::v1 as cri;
-use node::{call, Node, Sandboxer, BUSYBOX, HANDLER};
-
-const SLOW: Duration = Duration::from_secs(300);
+use capsule_tests::containerd::{Containerd, Version};
+use capsule_tests::cri::containerd::{Sandboxer, CAPSULE_HANDLER};
+use capsule_tests::cri::node::{Node, NodeOptions, POD_SUBNET_PREFIX};
+use capsule_tests::cri::proto::v1 as cri;
+use capsule_tests::cri::spec;
 
 fn pod_config(node: &Node, name: &str) -> cri::PodSandboxConfig {
-    let log_dir = node.dir.path().join("logs").join(name);
+    let log_dir = node.log_dir.join(name);
     let _ = std::fs::create_dir_all(&log_dir);
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: format!("{name}-0"),
-        log_directory: log_dir.display().to_string(),
-        labels: HashMap::from([("app".to_string(), name.to_string())]),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                // shareProcessNamespace: the containers share the pod's pid
-                // namespace (ipc and uts are always the pod's).
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Pod as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let mut pod = spec::pod(
+        name,
+        &format!("uid-{name}"),
+        &log_dir.display().to_string(),
+        &node.cgroup_parent,
+    );
+    pod.hostname = format!("{name}-0");
+    pod
 }
 
-fn container_config(name: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: BUSYBOX.into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
-        linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Pod as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+/// shareProcessNamespace: the containers share the pod's pid namespace
+/// (ipc and uts are always the pod's).
+fn shared_pid() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        pid: cri::NamespaceMode::Pod as i32,
+        ..spec::namespaces()
     }
 }
 
 /// `sh -c script` in container `id`: its stdout (exit 0 required).
-async fn exec(node: &Node, id: &str, script: &str) -> Result<String> {
-    let mut rt = node.cri.runtime.clone();
-    let r = call(
-        &format!("ExecSync in {id}"),
-        SLOW,
-        rt.exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: vec!["sh".into(), "-c".into(), script.into()],
-            timeout: 120,
-        }),
-    )
-    .await?;
+fn exec(node: &Node, id: &str, script: &str) -> Result<String> {
+    let r = node.cri.exec_sync(id, &["sh", "-c", script], 120)?;
     ensure!(
         r.exit_code == 0,
         "`{script}` in {id} exited {}: {}{}",
@@ -118,12 +69,16 @@ fn bootstrap_of(node: &Node, id: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(b).ok()?).ok()
 }
 
-async fn pod_with_two_containers(sandboxer: Sandboxer) -> Result<()> {
+fn pod_with_two_containers(sandboxer: Sandboxer) -> Result<()> {
     // One VM at a time (TCG on a small machine).
-    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _serial = SERIAL.lock().await;
-    let node = Node::start(sandboxer).await?;
-    let r = run(&node).await;
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let node = Node::start(NodeOptions {
+        containerd: Containerd::find(Version::V2_1)?,
+        sandboxer,
+        memory_mib: 256,
+    })?;
+    let r = run(&node);
     if let Err(e) = &r {
         return Err(anyhow::anyhow!("{e:#}\n{}", node.log_tail()));
     }
@@ -137,36 +92,21 @@ async fn pod_with_two_containers(sandboxer: Sandboxer) -> Result<()> {
     Ok(())
 }
 
-async fn run(node: &Node) -> Result<()> {
-    let mut rt = node.cri.runtime.clone();
-    let config = pod_config(node, "web");
-    let pod = call(
-        "RunPodSandbox",
-        SLOW,
-        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: HANDLER.into(),
-        }),
-    )
-    .await?
-    .pod_sandbox_id;
-    let status = call(
-        "PodSandboxStatus",
-        SLOW,
-        rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        }),
-    )
-    .await?
-    .status
-    .context("no pod status")?;
+fn run(node: &Node) -> Result<()> {
+    let mut config = pod_config(node, "web");
+    spec::pod_security(&mut config).namespace_options = Some(shared_pid());
+    let pod = node.cri.run_pod_sandbox(config.clone(), CAPSULE_HANDLER)?;
+    let status = node
+        .cri
+        .pod_sandbox_status(&pod)?
+        .status
+        .context("no pod status")?;
     ensure!(
         status.state == cri::PodSandboxState::SandboxReady as i32,
         "pod not ready: {status:?}"
     );
     let ip = status.network.map(|n| n.ip).unwrap_or_default();
-    ensure!(ip.starts_with("10.98.0."), "pod IP {ip:?} (CNI)");
+    ensure!(ip.starts_with(POD_SUBNET_PREFIX), "pod IP {ip:?} (CNI)");
     ensure!(
         node.capsule_sandboxes() == vec![pod.clone()],
         "capsule sandboxes {:?}, pod {pod}",
@@ -178,25 +118,10 @@ async fn run(node: &Node) -> Result<()> {
         ("c1", "echo c1 > /tmp/who; exec sleep 100001"),
         ("c2", "exec sleep 100002"),
     ] {
-        let id = call(
-            &format!("CreateContainer {name}"),
-            SLOW,
-            rt.create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container_config(name, script)),
-                sandbox_config: Some(config.clone()),
-            }),
-        )
-        .await?
-        .container_id;
-        call(
-            &format!("StartContainer {name}"),
-            SLOW,
-            rt.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            }),
-        )
-        .await?;
+        let mut c = spec::shell(name, script);
+        spec::security(&mut c).namespace_options = Some(shared_pid());
+        let id = node.cri.create_container(&pod, c, config.clone())?;
+        node.cri.start_container(&id)?;
         ids.push(id);
     }
 
@@ -215,8 +140,8 @@ async fn run(node: &Node) -> Result<()> {
     // The containers share the pod's namespaces: hostname, ipc, pid.
     let look = "hostname; for n in ipc uts pid; do readlink /proc/self/ns/$n; done; \
                 ps -o args | grep -c '^sleep 10000[12]$'; tr '\\0' ' ' < /proc/1/cmdline";
-    let a = exec(node, &ids[0], look).await?;
-    let b = exec(node, &ids[1], look).await?;
+    let a = exec(node, &ids[0], look)?;
+    let b = exec(node, &ids[1], look)?;
     let la: Vec<&str> = a.lines().collect();
     ensure!(la.first() == Some(&"web-0"), "hostname: {a}");
     ensure!(
@@ -229,7 +154,7 @@ async fn run(node: &Node) -> Result<()> {
         "both containers' processes visible: {a}"
     );
     let pid1 = la.get(5).map(|s| s.trim()).unwrap_or_default();
-    let want_pid1 = match node.sandboxer {
+    let want_pid1 = match node.opts.sandboxer {
         // The pause container's init.
         Sandboxer::PodSandbox => "/bin/sleep infinity",
         // The agent's own pod pause: there is no pause container.
@@ -240,14 +165,14 @@ async fn run(node: &Node) -> Result<()> {
         "PID 1 of the pod is {pid1:?}, not {want_pid1:?}"
     );
     ensure!(
-        exec(node, &ids[0], "cat /tmp/who").await?.trim() == "c1",
+        exec(node, &ids[0], "cat /tmp/who")?.trim() == "c1",
         "exec output"
     );
 
     // What containerd did with capsule's replies to `start`.
     let containers =
         String::from_utf8_lossy(&node.ctr(&["containers", "ls", "-q"])?.stdout).into_owned();
-    match node.sandboxer {
+    match node.opts.sandboxer {
         Sandboxer::PodSandbox => {
             ensure!(
                 containers.lines().any(|l| l == pod),
@@ -282,50 +207,30 @@ async fn run(node: &Node) -> Result<()> {
         }
     }
 
-    call(
-        "StopPodSandbox",
-        SLOW,
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        }),
-    )
-    .await?;
+    node.cri.stop_pod_sandbox(&pod)?;
     ensure!(
         node.qemu_processes().is_empty(),
         "QEMU still runs after StopPodSandbox: {:?}",
         node.qemu_processes()
     );
-    call(
-        "RemovePodSandbox",
-        SLOW,
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        }),
-    )
-    .await?;
-    let pods = call(
-        "ListPodSandbox",
-        SLOW,
-        rt.list_pod_sandbox(cri::ListPodSandboxRequest::default()),
-    )
-    .await?
-    .items;
+    node.cri.remove_pod_sandbox(&pod)?;
+    let pods = node.cri.list_pod_sandbox(None)?;
     if !pods.is_empty() {
         bail!("pods left: {pods:?}");
     }
     node.wait_clean(Duration::from_secs(60))
+        .map_err(|left| anyhow::anyhow!("left after the pod: {}", left.join("; ")))
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn podsandbox_mode_runs_a_pod_in_one_vm() {
-    if let Err(e) = pod_with_two_containers(Sandboxer::PodSandbox).await {
+#[test]
+fn podsandbox_mode_runs_a_pod_in_one_vm() {
+    if let Err(e) = pod_with_two_containers(Sandboxer::PodSandbox) {
         panic!("{e:#}");
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shim_mode_serves_the_sandbox_api() {
-    if let Err(e) = pod_with_two_containers(Sandboxer::Shim).await {
+#[test]
+fn shim_mode_serves_the_sandbox_api() {
+    if let Err(e) = pod_with_two_containers(Sandboxer::Shim) {
         panic!("{e:#}");
     }
 }

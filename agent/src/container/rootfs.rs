@@ -147,10 +147,16 @@ fn apply_mount(rootfs: &Path, step: &MountStep) -> R {
             .source
             .clone()
             .unwrap_or_else(|| PathBuf::from(&fstype));
-        if fstype == "cgroup" {
+        if fstype == "cgroup" || fstype == "cgroup2" {
             // The guest has cgroup v2 only.
             fstype = "cgroup2".into();
             source = "cgroup2".into();
+            if let Some(own) = own_cgroup_outside_namespace()? {
+                // No cgroup namespace of its own (a cgroup v1 host's
+                // containerd asks for none): like runc, the container sees
+                // its own cgroup as /sys/fs/cgroup, never the guest's root.
+                return bind_own_cgroup(&what, &own, &dest, flags);
+            }
         }
         let r = mount(Some(&source), &dest, Some(fstype.as_str()), flags, data);
         // mqueue/sysfs may be refused in some setups; runc falls back to binds.
@@ -182,6 +188,41 @@ fn apply_mount(rootfs: &Path, step: &MountStep) -> R {
         )?;
     }
     Ok(())
+}
+
+/// The guest's directory of this process's cgroup when the process sees
+/// it from outside (no cgroup namespace rooted at it): `0::/capsule/<cid>`
+/// in /proc/self/cgroup. `None` inside a cgroup namespace (`0::/`).
+fn own_cgroup_outside_namespace() -> Result<Option<PathBuf>, String> {
+    let text = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("read /proc/self/cgroup: {e}"))?;
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| format!("/proc/self/cgroup has no cgroup v2 line: {text:?}"))?;
+    let rel = path.trim().trim_start_matches('/');
+    Ok((!rel.is_empty()).then(|| Path::new("/sys/fs/cgroup").join(rel)))
+}
+
+/// Binds the container's own cgroup directory on its /sys/fs/cgroup with
+/// the mount's flags (read-only unless privileged).
+fn bind_own_cgroup(what: &str, own: &Path, dest: &Path, flags: MsFlags) -> R {
+    m(
+        format!("{what} (own cgroup {})", own.display()),
+        mount(
+            Some(own),
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ),
+    )?;
+    let extra =
+        flags & (MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+    if extra.is_empty() {
+        return Ok(());
+    }
+    remount(dest, extra).map_err(|e| format!("{what}: {e}"))
 }
 
 /// Creates the mount point: a directory, or an empty file for file binds.
@@ -343,9 +384,13 @@ fn create_devices(cfg: &InitConfig) -> R {
         .as_ref()
         .and_then(|l| l.devices().clone())
         .unwrap_or_default();
+    // /dev/ptmx is the link to the container's own devpts (made above),
+    // never a node: runc skips it too (containerd lists the host's for a
+    // privileged container).
     for d in devices
         .iter()
         .filter(|d| !done.iter().any(|p| Path::new(p) == d.path()))
+        .filter(|d| d.path() != Path::new("/dev/ptmx"))
     {
         let what = format!("device {}", d.path().display());
         let kind = match d.typ() {

@@ -27,8 +27,6 @@ pub enum SeccompError {
     Arch { arch: String },
     #[error("seccomp: syscall {name}: argument index {index} is above 5")]
     ArgIndex { name: String, index: usize },
-    #[error("seccomp: syscall {name}: SCMP_CMP_MASKED_EQ needs valueTwo")]
-    MaskedNoValue { name: String },
     #[error("seccomp: errno {errno} is out of range (0..=65535)")]
     Errno { errno: u32 },
     #[error("seccomp: {what}: {source}")]
@@ -110,14 +108,13 @@ fn compare_op(name: &str, a: &LinuxSeccompArg) -> Result<ScmpArgCompare, Seccomp
         LinuxSeccompOperator::ScmpCmpGe => ScmpCompareOp::GreaterEqual,
         LinuxSeccompOperator::ScmpCmpGt => ScmpCompareOp::Greater,
         // value is the mask, valueTwo the datum (runc, libseccomp-golang).
+        // The runtime spec's valueTwo is `omitempty`: absent means 0, as in
+        // containerd's default profile for clone (`arg0 & mask == 0`).
         LinuxSeccompOperator::ScmpCmpMaskedEq => {
-            let datum = a.value_two().ok_or_else(|| SeccompError::MaskedNoValue {
-                name: name.to_string(),
-            })?;
             return Ok(ScmpArgCompare::new(
                 a.index() as u32,
                 ScmpCompareOp::MaskedEqual(a.value()),
-                datum,
+                a.value_two().unwrap_or(0),
             ));
         }
     };
@@ -448,10 +445,6 @@ mod tests {
                 "index 6",
             ),
             (
-                r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["read"],"action":"SCMP_ACT_ERRNO","args":[{"index":0,"value":1,"op":"SCMP_CMP_MASKED_EQ"}]}]}"#,
-                "valueTwo",
-            ),
-            (
                 r#"{"defaultAction":"SCMP_ACT_ERRNO","defaultErrnoRet":70000}"#,
                 "70000",
             ),
@@ -462,6 +455,13 @@ mod tests {
         }
         let p: LinuxSeccomp = serde_json::from_str(
             r#"{"defaultAction":"SCMP_ACT_ALLOW","flags":["SECCOMP_FILTER_FLAG_TSYNC","SECCOMP_FILTER_FLAG_LOG","SECCOMP_FILTER_FLAG_SPEC_ALLOW"],"architectures":["SCMP_ARCH_AARCH64"]}"#,
+        )
+        .unwrap();
+        compile(&p).unwrap();
+        // valueTwo omitted (Go's omitempty of 0), as containerd 1.6 sends
+        // its default profile's clone rule.
+        let p: LinuxSeccomp = serde_json::from_str(
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["clone"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":2114060288,"op":"SCMP_CMP_MASKED_EQ"}]}]}"#,
         )
         .unwrap();
         compile(&p).unwrap();

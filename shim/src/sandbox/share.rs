@@ -70,7 +70,13 @@ pub fn prepare(shared_dir: &Path, c: &ContainerRequest) -> Result<SharedRootfs> 
             .unwrap_or(false);
         let cdir = shared_dir.join(&c.id);
         let rel = Path::new(&c.id).join("rootfs");
-        mount::bind_below(shared_dir, &rel, &source, read_only)?;
+        mount::bind_below(
+            shared_dir,
+            &rel,
+            &source,
+            read_only,
+            mount::Propagation::FromHost,
+        )?;
         out.share_mounts.push(shared_dir.join(rel));
         share_bind_mounts(shared_dir, &cdir, &c.id, &mut out)?;
         Ok(())
@@ -123,7 +129,17 @@ fn share_bind_mounts(
             .unwrap_or_else(|| "root".into());
         let name = format!("{i}-{base}");
         let rel = Path::new(cid).join("mounts").join(&name);
-        mount::bind_below(shared_dir, &rel, src, is_read_only(m))?;
+        let propagation = if m
+            .options()
+            .iter()
+            .flatten()
+            .any(|o| o == "rprivate" || o == "private")
+        {
+            mount::Propagation::Private
+        } else {
+            mount::Propagation::FromHost
+        };
+        mount::bind_below(shared_dir, &rel, src, is_read_only(m), propagation)?;
         out.share_mounts.push(cdir.join("mounts").join(&name));
         rewritten[i].set_source(Some(PathBuf::from(format!("{cid}/mounts/{name}"))));
     }

@@ -6,14 +6,12 @@
 //! `/var/cache/capsule/containerd`)`/<major.minor>/usr/bin`, which
 //! scripts/install-deps.sh fills. `CAPSULE_CRI_SANDBOXER=shim` makes the
 //! capsule handler use the Sandbox API (`sandboxer = "shim"`, 2.x only).
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 
-pub const VERSION_ENV: &str = "CAPSULE_CONTAINERD";
-pub const CACHE_ENV: &str = "CAPSULE_CONTAINERD_CACHE";
-pub const DEFAULT_CACHE: &str = "/var/cache/capsule/containerd";
+pub use crate::containerd::Containerd;
+
 pub const SANDBOXER_ENV: &str = "CAPSULE_CRI_SANDBOXER";
 
 /// The runtime handler names the suite configures.
@@ -43,89 +41,6 @@ impl Sandboxer {
             Sandboxer::PodSandbox => "podsandbox",
             Sandboxer::Shim => "shim",
         }
-    }
-}
-
-/// One containerd installation.
-#[derive(Debug, Clone)]
-pub struct Containerd {
-    /// "1.6", "1.7" or "2.1".
-    pub version: String,
-    pub containerd: PathBuf,
-    pub ctr: PathBuf,
-    /// Directory to put first on containerd's PATH (its own runc shim).
-    pub bin_dir: Option<PathBuf>,
-    /// `containerd --version`.
-    pub version_line: String,
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-impl Containerd {
-    /// The containerd of `$CAPSULE_CONTAINERD`.
-    pub fn from_env() -> Result<Self> {
-        Self::find(std::env::var(VERSION_ENV).unwrap_or_default().trim())
-    }
-
-    pub fn find(version: &str) -> Result<Self> {
-        let version = match version {
-            "" | "1.6" => "1.6",
-            "1.7" => "1.7",
-            "2" | "2.1" => "2.1",
-            o => bail!("{VERSION_ENV}={o:?}: expected 1.6, 1.7 or 2.1"),
-        };
-        let (containerd, ctr, bin_dir) = if version == "1.6" {
-            (
-                on_path("containerd")
-                    .ok_or_else(|| anyhow!("containerd not in PATH (scripts/install-deps.sh)"))?,
-                on_path("ctr").ok_or_else(|| anyhow!("ctr not in PATH"))?,
-                None,
-            )
-        } else {
-            let cache = std::env::var_os(CACHE_ENV)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| DEFAULT_CACHE.into());
-            let bin = cache.join(version).join("usr/bin");
-            (bin.join("containerd"), bin.join("ctr"), Some(bin))
-        };
-        for b in [&containerd, &ctr] {
-            if !b.is_file() {
-                bail!(
-                    "containerd {version}: {} is missing (scripts/install-deps.sh fetches it)",
-                    b.display()
-                );
-            }
-        }
-        let out = Command::new(&containerd)
-            .arg("--version")
-            .output()
-            .with_context(|| format!("running {} --version", containerd.display()))?;
-        let version_line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let reported = version_line.split_whitespace().nth(2).unwrap_or_default();
-        if !reported.starts_with(&format!("{version}.")) {
-            bail!(
-                "{} reports {version_line:?}, not containerd {version}",
-                containerd.display()
-            );
-        }
-        Ok(Self {
-            version: version.to_string(),
-            containerd,
-            ctr,
-            bin_dir,
-            version_line,
-        })
-    }
-
-    /// containerd 2.x: config `version = 3`, CRI split in several plugins,
-    /// CDI and PodSandboxStats.
-    pub fn is_2x(&self) -> bool {
-        self.version.starts_with('2')
     }
 }
 
@@ -177,25 +92,48 @@ const DISABLED: &[&str] = &[
     "io.containerd.nri.v1.nri",
 ];
 
-impl Containerd {
-    /// A private daemon's configuration with the CRI plugin: its own root,
-    /// state, sockets, CNI and CDI directories under `i.dir`; network
-    /// namespaces under its state dir; AppArmor off (it would load a
-    /// profile into the host kernel); oom_score_adj kept at or above
-    /// containerd's own (lowering it needs CAP_SYS_RESOURCE, which CI
-    /// sandboxes may lack: the pause container's -998 fails runc).
-    pub fn config(&self, i: &ConfigInput) -> String {
-        if self.is_2x() {
-            self.config_v3(i)
-        } else {
-            self.config_v2(i)
-        }
+/// The capsule handler's options table (its configuration file). In shim
+/// mode the handler has no options, as CRI then creates the tasks with
+/// `WithTaskAPIEndpoint`, which works only on runc's option type (containerd
+/// fails "can't unmarshal type runtimeoptions.v1.Options to output
+/// containerd.runc.v1.Options"): the shim reads `$CAPSULE_CONFIG` instead
+/// (see [`capsule_config_env`]).
+fn capsule_options(rt: &str, i: &ConfigInput) -> String {
+    match i.sandboxer {
+        Sandboxer::PodSandbox => format!(
+            "      [{rt}.containerd.runtimes.{CAPSULE_HANDLER}.options]\n        ConfigPath = \"{}\"\n",
+            i.capsule_config.display()
+        ),
+        Sandboxer::Shim => String::new(),
     }
+}
 
-    fn config_v2(&self, i: &ConfigInput) -> String {
-        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
-        format!(
-            r#"{common}
+/// containerd's environment for the capsule configuration in shim mode.
+pub fn capsule_config_env(
+    sandboxer: Sandboxer,
+    capsule_config: &Path,
+) -> Option<(&'static str, &Path)> {
+    (sandboxer == Sandboxer::Shim).then_some(("CAPSULE_CONFIG", capsule_config))
+}
+
+/// A private daemon's configuration with the CRI plugin: its own root,
+/// state, sockets, CNI and CDI directories under `i.dir`; network
+/// namespaces under its state dir; AppArmor off (it would load a profile
+/// into the host kernel); oom_score_adj kept at or above containerd's own
+/// (lowering it needs CAP_SYS_RESOURCE, which CI sandboxes may lack: the
+/// pause container's -998 fails runc).
+pub fn cri_config(containerd: &Containerd, i: &ConfigInput) -> String {
+    if containerd.version.is_2x() {
+        config_v3(i)
+    } else {
+        config_v2(i)
+    }
+}
+
+fn config_v2(i: &ConfigInput) -> String {
+    let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+    format!(
+        r#"{common}
 [{cri}]
   sandbox_image = "{pause}"
   stream_server_address = "127.0.0.1"
@@ -218,21 +156,21 @@ impl Containerd {
       [{cri}.containerd.runtimes.{capsule}.options]
         ConfigPath = "{capsule_config}"
 "#,
-            common = common(2, i.dir, DISABLED),
-            pause = i.sandbox_image,
-            cni_bin = i.cni_bin_dir.display(),
-            cni_conf = i.cni_conf_dir.display(),
-            runc = RUNC_HANDLER,
-            capsule = CAPSULE_HANDLER,
-            capsule_config = i.capsule_config.display(),
-        )
-    }
+        common = common(2, i.dir, DISABLED),
+        pause = i.sandbox_image,
+        cni_bin = i.cni_bin_dir.display(),
+        cni_conf = i.cni_conf_dir.display(),
+        runc = RUNC_HANDLER,
+        capsule = CAPSULE_HANDLER,
+        capsule_config = i.capsule_config.display(),
+    )
+}
 
-    fn config_v3(&self, i: &ConfigInput) -> String {
-        let images = r#"plugins."io.containerd.cri.v1.images""#;
-        let rt = r#"plugins."io.containerd.cri.v1.runtime""#;
-        format!(
-            r#"{common}
+fn config_v3(i: &ConfigInput) -> String {
+    let images = r#"plugins."io.containerd.cri.v1.images""#;
+    let rt = r#"plugins."io.containerd.cri.v1.runtime""#;
+    format!(
+        r#"{common}
 [{images}]
   snapshotter = "overlayfs"
   [{images}.pinned_images]
@@ -256,21 +194,18 @@ impl Containerd {
     [{rt}.containerd.runtimes.{capsule}]
       runtime_type = "io.containerd.capsule.v2"
       sandboxer = "{sandboxer}"
-      [{rt}.containerd.runtimes.{capsule}.options]
-        ConfigPath = "{capsule_config}"
-[plugins."io.containerd.grpc.v1.cri"]
+{options}[plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 "#,
-            common = common(3, i.dir, DISABLED),
-            pause = i.sandbox_image,
-            cdi = i.cdi_dir.display(),
-            cni_bin = i.cni_bin_dir.display(),
-            cni_conf = i.cni_conf_dir.display(),
-            runc = RUNC_HANDLER,
-            capsule = CAPSULE_HANDLER,
-            sandboxer = i.sandboxer.as_str(),
-            capsule_config = i.capsule_config.display(),
-        )
-    }
+        common = common(3, i.dir, DISABLED),
+        pause = i.sandbox_image,
+        cdi = i.cdi_dir.display(),
+        cni_bin = i.cni_bin_dir.display(),
+        cni_conf = i.cni_conf_dir.display(),
+        runc = RUNC_HANDLER,
+        capsule = CAPSULE_HANDLER,
+        sandboxer = i.sandboxer.as_str(),
+        options = capsule_options(rt, i),
+    )
 }

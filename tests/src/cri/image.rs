@@ -9,25 +9,10 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::blob;
+
 pub const BUSYBOX: &str = "capsule.test/cri/busybox:latest";
 pub const PAUSE: &str = "capsule.test/cri/pause:latest";
-
-fn sha256(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.split_whitespace()
-        .next()
-        .map(String::from)
-        .ok_or_else(|| anyhow!("sha256sum {}: no output", path.display()))
-}
-
-fn blob(layout: &Path, bytes: &[u8]) -> Result<(String, u64)> {
-    let tmp = layout.join("blob.tmp");
-    std::fs::write(&tmp, bytes)?;
-    let d = sha256(&tmp)?;
-    std::fs::rename(&tmp, layout.join("blobs/sha256").join(&d))?;
-    Ok((format!("sha256:{d}"), bytes.len() as u64))
-}
 
 fn run(cmd: &mut Command) -> Result<()> {
     let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;

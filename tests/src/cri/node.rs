@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::client::CriClient;
-use super::containerd::{ConfigInput, Containerd, Sandboxer};
+use super::containerd::{capsule_config_env, cri_config, ConfigInput, Containerd, Sandboxer};
 use super::image;
 use crate::{dead_shim_sockets, mounts_under, processes, run_with_timeout, text, wait_for, Ready};
 
@@ -77,7 +77,7 @@ impl NodeOptions {
     /// From the environment: `CAPSULE_CONTAINERD`, `CAPSULE_CRI_SANDBOXER`.
     pub fn from_env() -> Result<Self> {
         Ok(Self {
-            containerd: Containerd::from_env()?,
+            containerd: Containerd::selected()?.clone(),
             sandboxer: Sandboxer::from_env()?,
             memory_mib: 256,
         })
@@ -137,19 +137,22 @@ impl Node {
         write_capsule_config(&capsule_config, &state_dir, ready, opts.memory_mib)?;
         let ipam_dir = d.join("cni/ipam");
         write_cni_config(&d.join("cni/net.d"), &ipam_dir)?;
-        let cfg = opts.containerd.config(&ConfigInput {
-            dir: &d,
-            sandbox_image: image::PAUSE,
-            capsule_config: &capsule_config,
-            cni_conf_dir: &d.join("cni/net.d"),
-            cni_bin_dir: Path::new(CNI_BIN_DIR),
-            cdi_dir: &d.join("cdi"),
-            sandboxer: opts.sandboxer,
-        });
+        let cfg = cri_config(
+            &opts.containerd,
+            &ConfigInput {
+                dir: &d,
+                sandbox_image: image::PAUSE,
+                capsule_config: &capsule_config,
+                cni_conf_dir: &d.join("cni/net.d"),
+                cni_bin_dir: Path::new(CNI_BIN_DIR),
+                cdi_dir: &d.join("cdi"),
+                sandboxer: opts.sandboxer,
+            },
+        );
         std::fs::write(d.join("containerd.toml"), cfg)?;
         let sockets_before = dead_shim_sockets();
         let cni_results_before = cni_results();
-        let child = spawn_containerd(&d, &netns, &opts.containerd)?;
+        let child = spawn_containerd(&d, &netns, &opts, &capsule_config)?;
         let sock = d.join("containerd.sock");
         let mut child = Some(child);
         let connected = wait_for("containerd's socket", Duration::from_secs(60), || {
@@ -452,6 +455,16 @@ impl Node {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
+
+    /// containerd's error lines about capsule or its shim.
+    pub fn log_errors(&self) -> Vec<String> {
+        crate::containerd::error_lines(&self.log(), &[])
+    }
+
+    /// containerd's state directory of `plugin` (task bundles, sandboxes).
+    pub fn containerd_state(&self, plugin: &str) -> PathBuf {
+        self.dir.path().join("state").join(plugin)
+    }
 }
 
 fn log_tail(dir: &Path) -> String {
@@ -463,24 +476,37 @@ fn log_tail(dir: &Path) -> String {
     )
 }
 
-fn spawn_containerd(d: &Path, netns: &Netns, containerd: &Containerd) -> Result<Child> {
+fn spawn_containerd(
+    d: &Path,
+    netns: &Netns,
+    opts: &NodeOptions,
+    capsule_config: &Path,
+) -> Result<Child> {
+    let containerd = &opts.containerd;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(d.join("containerd.log"))?;
     let mut path = vec![d.join("bin")];
-    path.extend(containerd.bin_dir.clone());
+    // containerd's own runc shim, for the versions from the cache.
+    if containerd.version != crate::containerd::Version::V1_6 {
+        path.extend(containerd.containerd.parent().map(Path::to_path_buf));
+    }
     path.extend(std::env::split_paths(
         &std::env::var_os("PATH").unwrap_or_default(),
     ));
     let path = std::env::join_paths(path)?;
-    Command::new("nsenter")
-        .arg(format!("--net={}", netns.path.display()))
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.path.display()))
         .arg(&containerd.containerd)
         .arg("--config")
         .arg(d.join("containerd.toml"))
         .env("PATH", path)
-        .stdin(Stdio::null())
+        .env_remove("CAPSULE_CONFIG");
+    if let Some((k, v)) = capsule_config_env(opts.sandboxer, capsule_config) {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()

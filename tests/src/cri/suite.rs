@@ -300,10 +300,10 @@ pub fn run_case(node: &Node, case: &Case, runtime: Runtime) -> Outcome {
         elapsed: Duration::ZERO,
         expected_difference: case.expected_difference,
     };
-    if case.needs_2x && !node.opts.containerd.is_2x() {
+    if case.needs_2x && !node.opts.containerd.version.is_2x() {
         out.status = Status::NotApplicable(format!(
             "needs containerd 2.x (running {})",
-            node.opts.containerd.version
+            node.opts.containerd.version.as_str()
         ));
         return out;
     }

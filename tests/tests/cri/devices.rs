@@ -145,11 +145,10 @@ pub fn privileged(ctx: &mut Ctx) -> Result<()> {
         .parse()
         .context("cap_last_cap")?;
     let all: Vec<u32> = (0..=last).collect();
-    // runc can give no more than it has: this host's bounding set (CI
-    // sandboxes drop some, e.g. CAP_SYS_RESOURCE); a VM's guest has them all.
-    let want = if ctx.is_capsule() {
-        cap_mask(&all)
-    } else {
+    // containerd lists the capabilities it has itself (this host's bounding
+    // set: CI sandboxes drop some, e.g. CAP_SYS_RESOURCE): runc can give no
+    // more, and capsule gives what the spec lists, no more either.
+    let want = {
         let host = std::fs::read_to_string("/proc/self/status")?;
         let bnd = host
             .lines()

@@ -5,7 +5,7 @@ use anyhow::{ensure, Context, Result};
 use capsule_tests::cri::proto::v1::security_profile::ProfileType;
 use capsule_tests::cri::proto::v1::*;
 use capsule_tests::cri::spec;
-use capsule_tests::cri::suite::Ctx;
+use capsule_tests::cri::suite::{Ctx, Runtime};
 
 use super::lifecycle::SLEEPER;
 use super::util::*;
@@ -268,6 +268,17 @@ pub fn host_pid(ctx: &mut Ctx) -> Result<()> {
     spec::set_namespaces(&mut pcfg, &mut [&mut c], ns);
     let pod = ctx.run_pod(&pcfg)?;
     let id = ctx.start(&pod, &c, &pcfg)?;
+    if ctx.runtime == Runtime::Capsule {
+        // In a VM the pod's host is the guest: the container shares the
+        // guest's pid namespace, where PID 1 is capsule's agent (`/init`).
+        let inside = ctx.sh_ok(&id, "cat /proc/1/comm")?;
+        ensure!(
+            inside.trim() == "init",
+            "HostPID on capsule: PID 1 inside is {:?}, not the guest's init (the agent)",
+            inside.trim()
+        );
+        return Ok(());
+    }
     let host_init = std::fs::read_to_string("/proc/1/comm")?;
     let inside = ctx.sh_ok(&id, "cat /proc/1/comm")?;
     ensure!(

@@ -82,11 +82,11 @@ impl Guest for AgentGuest {
 
     async fn wait_process(&self, cid: &str, exec_id: &str) -> Result<ExitStatus> {
         let r = self.agent.wait_process(&process_req(cid, exec_id)).await?;
-        Ok(ExitStatus {
-            status: u32::try_from(r.status).unwrap_or(255),
-            exited_at_secs: r.exited_at_secs,
-            exited_at_nanos: r.exited_at_nanos,
-        })
+        // The exit is stamped with the host's clock when the wait returns
+        // (as Kata's shim does): containerd stamps the start with its own
+        // clock, and the guest's clock (TCG, no kvmclock) drifts from the
+        // host's, so the guest's stamp can come before the start.
+        Ok(ExitStatus::now(u32::try_from(r.status).unwrap_or(255)))
     }
 
     async fn read_output(
