@@ -39,8 +39,11 @@ install: deps guest
 # The end-to-end suites run on every supported containerd (CAPSULE_CONTAINERD,
 # tests/src/containerd.rs; 1.7 and 2.1 come from scripts/install-deps.sh's
 # cache): in full on Debian 12's 1.6 (the workspace run) and on 2.1, the core
-# subset below on 1.7. Every run goes on when one fails; the status is the
-# worst.
+# subset below on 1.7 and on Debian's cloud kernel (the fallback guest). The
+# CRI suite (tests/tests/cri.rs: every case on runc, then on capsule) runs on
+# 1.6 in the workspace run and again on 2.1; the Sandbox API test
+# (tests/tests/sandbox_api.rs) needs 2.x and picks 2.1 itself. Every run goes
+# on when one fails; the status is the worst.
 E2E_SUITES := --test e2e --test installed_node
 E2E_CORE := run_rm_prints_output_and_returns_the_exit_code detached_run_exec_kill_delete \
 	terminal_run pod_containers_share_one_vm_and_one_device \
@@ -53,8 +56,12 @@ test: deps guest
 	$(CARGO) test --workspace --no-fail-fast || status=1; \
 	echo "== end-to-end on containerd 2.1"; \
 	CAPSULE_CONTAINERD=2.1 $(CARGO) test -p capsule-tests $(E2E_SUITES) --no-fail-fast || status=1; \
+	echo "== CRI suite on containerd 2.1"; \
+	CAPSULE_CONTAINERD=2.1 $(CARGO) test -p capsule-tests --test cri -- --nocapture || status=1; \
 	echo "== end-to-end (core subset) on containerd 1.7"; \
 	CAPSULE_CONTAINERD=1.7 $(CARGO) test -p capsule-tests $(E2E_SUITES) --no-fail-fast -- $(E2E_CORE) || status=1; \
+	echo "== end-to-end (core subset) on Debian's cloud kernel"; \
+	CAPSULE_GUEST_OUT=$(CURDIR)/$(GUEST_DIR)/debian $(CARGO) test -p capsule-tests --test e2e --no-fail-fast -- $(E2E_CORE) || status=1; \
 	exit $$status
 
 # One containerd version's end-to-end suites: make e2e CONTAINERD=1.6|1.7|2.1

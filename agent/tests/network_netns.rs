@@ -3,56 +3,16 @@
 //! stands in for the virtio-net device. What `ip` shows afterwards is what
 //! the request asked for. (tests/network_vm.rs does it in a real guest.)
 use std::os::fd::AsFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use capsule_agent::network::Network;
 use capsule_agent_protocol::agent::{Interface, IpFamily, Neighbour, Route, SetupNetworkRequest};
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Ns(String);
-
-impl Ns {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "capagent-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        sh("ip", &["netns", "add", &name]);
-        let ns = Ns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.0.as_str()];
-        a.extend_from_slice(args);
-        sh("ip", &a)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
+use capsule_network::testutil::{sh, TestNs};
 
 /// Runs SetupNetwork as the agent would, but inside `ns` (its own thread
 /// and runtime, so the test's threads never change namespace).
-fn setup_in(ns: &Ns, req: SetupNetworkRequest) -> Result<(), String> {
-    let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap();
+fn setup_in(ns: &TestNs, req: SetupNetworkRequest) -> Result<(), String> {
+    let f = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
     std::thread::spawn(move || {
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -109,7 +69,7 @@ fn request() -> SetupNetworkRequest {
     req
 }
 
-fn assert_configured(ns: &Ns) {
+fn assert_configured(ns: &TestNs) {
     let link = ns.ip(&["-o", "link", "show", "dev", "eth0"]);
     assert!(link.contains("mtu 1400") && link.contains(MAC), "{link}");
     assert!(link.contains(",UP"), "{link}");
@@ -144,7 +104,7 @@ fn assert_configured(ns: &Ns) {
 
 #[test]
 fn configures_interface_found_by_mac_and_is_idempotent() {
-    let ns = Ns::new();
+    let ns = TestNs::new("capagent", "setup");
     // The "virtio-net device": named as the guest kernel would, with a
     // stale address the request does not list.
     ns.ip(&[
@@ -161,8 +121,8 @@ fn configures_interface_found_by_mac_and_is_idempotent() {
 
 #[test]
 fn waits_for_an_interface_that_appears_later() {
-    let ns = Ns::new();
-    let name = ns.0.clone();
+    let ns = TestNs::new("capagent", "setup");
+    let name = ns.name.clone();
     let plug = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(700));
         sh(
@@ -182,7 +142,7 @@ fn waits_for_an_interface_that_appears_later() {
 
 #[test]
 fn swaps_names_and_refuses_what_it_cannot_do() {
-    let ns = Ns::new();
+    let ns = TestNs::new("capagent", "setup");
     // The guest named them the other way round.
     ns.ip(&[
         "link",

@@ -91,7 +91,7 @@ async fn guest_is_reachable_through_the_plumbed_veth() {
     );
 
     // From the host side of the pod's veth.
-    let peer = net.peer.netns();
+    let peer = net.peer.open();
     assert!(
         ping(
             &peer,
@@ -173,6 +173,7 @@ async fn guest_is_reachable_through_the_plumbed_veth() {
         (now.index, now.mac, now.mtu),
         (before.index, before.mac, before.mtu)
     );
-    let q = support::net::sh("tc", &["-n", &net.pod.name, "qdisc", "show", "dev", "eth0"]);
+    let q =
+        capsule_network::testutil::sh("tc", &["-n", &net.pod.name, "qdisc", "show", "dev", "eth0"]);
     assert!(!q.contains("ingress"), "{q}");
 }

@@ -20,6 +20,8 @@ mod nl;
 mod plumb;
 mod tap;
 mod tc;
+#[cfg(feature = "test-utils")]
+pub mod testutil;
 pub mod types;
 
 pub use discover::discover;

@@ -165,7 +165,7 @@ async fn reports_links_addresses_routes_and_neighbours() {
 
 #[tokio::test]
 async fn reports_link_kinds_and_which_are_endpoints() {
-    let ns = TestNs::new("kinds");
+    let ns = TestNs::new(common::NS, "kinds");
     ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"]);
     ns.ip(&[
         "link", "add", "mv0", "link", "va", "type", "macvlan", "mode", "bridge",
@@ -219,7 +219,7 @@ async fn refuses_paths_that_are_not_network_namespaces() {
     assert!(me.link("lo").is_some());
 
     // A namespace with nothing but lo has no endpoint to plumb.
-    let empty = TestNs::new("empty");
+    let empty = TestNs::new(common::NS, "empty");
     let e = endpoints(&empty.path, T).await.unwrap_err();
     assert!(matches!(e, NetworkError::NoEndpoint { .. }), "{e}");
     assert!(e.to_string().contains("no L2 link besides lo"), "{e}");
@@ -307,7 +307,7 @@ fn refuses_mtus_virtio_net_cannot_take() {
 
 #[tokio::test]
 async fn work_in_a_namespace_has_a_deadline_and_names_it() {
-    let ns = TestNs::new("deadline");
+    let ns = TestNs::new(common::NS, "deadline");
     let n = ns.open();
     let e = n
         .run("a slow thing", Duration::from_millis(100), || {

@@ -257,7 +257,7 @@ async fn never_touches_what_is_not_capsules() {
         .contains("ingress"));
 
     // A record whose path now names another namespace: untouched.
-    let other = TestNs::new("other");
+    let other = TestNs::new(common::NS, "other");
     let mut r2 = r.clone();
     r2.netns = other.path.clone();
     let rep = unplumb(&r2, T).await.unwrap();

@@ -175,13 +175,23 @@ impl Containerd {
                 ],
             ),
         };
-        let disabled = disabled
-            .iter()
-            .map(|p| format!("{p:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!(
-            r#"version = {version}
+        common_config(version, dir, disabled)
+    }
+}
+
+/// containerd's own spurious error lines, which say nothing about the shim.
+///
+/// The part of a private daemon's configuration every test shares: config
+/// `version`, its own root, state and sockets under `dir`, debug logging,
+/// the `disabled` plugins.
+pub fn common_config(version: u32, dir: &Path, disabled: &[&str]) -> String {
+    let disabled = disabled
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"version = {version}
 root = "{d}/root"
 state = "{d}/state"
 disabled_plugins = [{disabled}]
@@ -195,13 +205,10 @@ disabled_plugins = [{disabled}]
 [metrics]
   address = ""
 "#,
-            d = dir.display()
-        )
-    }
+        d = dir.display()
+    )
 }
 
-/// containerd's own spurious error lines, which say nothing about the shim.
-///
 /// When containerd drops a shim whose task failed to create or whose
 /// process died ("cleaning up dead shim"), it closes the shim's log fifo
 /// itself (`onCloseWithShimLog`) and then logs its copier's read of the file

@@ -155,10 +155,27 @@ pub(crate) fn blob(dir: &Path, bytes: &[u8]) -> Result<(String, u64)> {
 
 /// An OCI image layout tarball with one layer: busybox-static and its
 /// applet links. Built once per test process.
-fn build_image() -> Result<PathBuf> {
-    let base = target_dir().join("e2e");
-    // Images of earlier test processes that are gone.
-    if let Ok(d) = std::fs::read_dir(&base) {
+/// SIGTERM to our child `c`, SIGKILL after `grace`; reaped either way.
+pub fn stop_child(c: &mut std::process::Child, grace: Duration) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// `base/image-<our pid>`, emptied, after removing the image directories
+/// of earlier test processes that are gone.
+pub(crate) fn fresh_image_dir(base: &Path) -> PathBuf {
+    if let Ok(d) = std::fs::read_dir(base) {
         for e in d.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let pid = name
@@ -171,6 +188,11 @@ fn build_image() -> Result<PathBuf> {
     }
     let out = base.join(format!("image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    out
+}
+
+fn build_image() -> Result<PathBuf> {
+    let out = fresh_image_dir(&target_dir().join("e2e"));
     let root = out.join("rootfs");
     for d in [
         "bin", "dev", "proc", "sys", "tmp", "etc", "root", "run", "mnt",
@@ -891,19 +913,7 @@ impl Drop for Env {
             let _ = self.capsule(&["cleanup", &s, "--force"]);
         }
         if let Some(mut c) = self.containerd.take() {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_child(&mut c, Duration::from_secs(10));
         }
         // Shims of this containerd that survived.
         let needle = self.sock.display().to_string();

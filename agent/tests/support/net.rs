@@ -7,67 +7,16 @@
 //! the test made.
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use capsule_agent_protocol::agent::SetupNetworkRequest;
 use capsule_network::{Netns, NetnsInfo, Plumbed};
 use serde_json::json;
 
-pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use capsule_network::testutil::TestNs;
 
-/// A named namespace, deleted on drop.
-pub struct TestNs {
-    pub name: String,
-    pub path: PathBuf,
-}
-
-impl TestNs {
-    pub fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "capvm-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        sh("ip", &["netns", "add", &name]);
-        let ns = Self {
-            path: PathBuf::from("/run/netns").join(&name),
-            name,
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        sh("ip", &a)
-    }
-
-    pub fn netns(&self) -> Netns {
-        Netns::open(&self.path).expect("test namespace")
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
+/// The prefix of the VM tests' namespace names.
+const NS: &str = "capvm";
 
 /// Pod `eth0` 10.210.0.2/24 + fd00:210::2/64 (default routes via the
 /// peer), peer `peer0` .1 and ::1, plus 10.211.0.1 on the peer's lo: only
@@ -82,8 +31,8 @@ pub const PEER_MAC: &str = "02:00:0a:d2:00:01";
 
 impl PodNet {
     pub fn new(mtu: u32) -> Self {
-        let pod = TestNs::new("pod");
-        let peer = TestNs::new("peer");
+        let pod = TestNs::new(NS, "pod");
+        let peer = TestNs::new(NS, "peer");
         let mtu = mtu.to_string();
         pod.ip(&[
             "link", "add", "eth0", "mtu", &mtu, "address", POD_MAC, "type", "veth", "peer", "name",

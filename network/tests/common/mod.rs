@@ -5,8 +5,6 @@
 #![allow(dead_code)]
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,94 +14,10 @@ pub const ETHERTYPE: u16 = 0x88b5;
 /// `struct virtio_net_hdr` (IFF_VNET_HDR's default header size).
 pub const VNET_HDR_LEN: usize = 10;
 
-/// Runs a command, panics with its output when it fails.
-pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use capsule_network::testutil::TestNs;
 
-/// Whether a command succeeds (for "is it gone" checks).
-pub fn ok(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// A named network namespace (`/run/netns/<name>`), deleted on drop.
-pub struct TestNs {
-    pub name: String,
-    pub path: PathBuf,
-}
-
-impl TestNs {
-    pub fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "capnet-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        sh("ip", &["netns", "add", &name]);
-        let ns = Self {
-            path: PathBuf::from("/run/netns").join(&name),
-            name,
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n <ns> args...`
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        sh("ip", &a)
-    }
-
-    /// `tc -n <ns> args...`
-    pub fn tc(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        sh("tc", &a)
-    }
-
-    pub fn has_link(&self, name: &str) -> bool {
-        ok("ip", &["-n", &self.name, "link", "show", "dev", name])
-    }
-
-    pub fn mac(&self, link: &str) -> MacAddr {
-        let out = self.ip(&["-o", "link", "show", "dev", link]);
-        let mac = out
-            .split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no MAC in {out}"));
-        mac.parse().unwrap()
-    }
-
-    pub fn open(&self) -> Netns {
-        Netns::open(&self.path).unwrap()
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
+/// The prefix of these tests' namespace names.
+pub const NS: &str = "capnet";
 
 /// A pod namespace with `eth0` (veth) whose peer `peer0` sits in a second
 /// namespace, like a CNI bridge's host side. Addresses: pod 10.200.0.2/24
@@ -117,8 +31,8 @@ pub struct PodNet {
 
 impl PodNet {
     pub fn new(mtu: u32) -> Self {
-        let pod = TestNs::new("pod");
-        let peer = TestNs::new("peer");
+        let pod = TestNs::new(NS, "pod");
+        let peer = TestNs::new(NS, "peer");
         let mtu = mtu.to_string();
         pod.ip(&[
             "link",

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
+use crate::containerd::common_config;
 pub use crate::containerd::Containerd;
 
 pub const SANDBOXER_ENV: &str = "CAPSULE_CRI_SANDBOXER";
@@ -53,31 +54,6 @@ pub struct ConfigInput<'a> {
     pub cni_bin_dir: &'a Path,
     pub cdi_dir: &'a Path,
     pub sandboxer: Sandboxer,
-}
-
-fn common(version: u32, dir: &Path, disabled: &[&str]) -> String {
-    let disabled = disabled
-        .iter()
-        .map(|p| format!("{p:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"version = {version}
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [{disabled}]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-  level = "debug"
-[metrics]
-  address = ""
-"#,
-        d = dir.display()
-    )
 }
 
 /// Plugins that would touch the host beyond the private directories, or
@@ -156,7 +132,7 @@ fn config_v2(i: &ConfigInput) -> String {
       [{cri}.containerd.runtimes.{capsule}.options]
         ConfigPath = "{capsule_config}"
 "#,
-        common = common(2, i.dir, DISABLED),
+        common = common_config(2, i.dir, DISABLED),
         pause = i.sandbox_image,
         cni_bin = i.cni_bin_dir.display(),
         cni_conf = i.cni_conf_dir.display(),
@@ -198,7 +174,7 @@ fn config_v3(i: &ConfigInput) -> String {
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 "#,
-        common = common(3, i.dir, DISABLED),
+        common = common_config(3, i.dir, DISABLED),
         pause = i.sandbox_image,
         cdi = i.cdi_dir.display(),
         cni_bin = i.cni_bin_dir.display(),

@@ -33,21 +33,7 @@ pub fn image_tar() -> Result<&'static Path> {
 
 fn build() -> Result<PathBuf> {
     let ready = crate::require_ready();
-    let base = crate::target_dir().join("cri");
-    // Images of earlier test processes that are gone.
-    if let Ok(d) = std::fs::read_dir(&base) {
-        for e in d.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix("image-")
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let out = base.join(format!("image-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = crate::fresh_image_dir(&crate::target_dir().join("cri"));
     std::fs::create_dir_all(&out)?;
     let root = out.join("rootfs");
     run(Command::new("cp")

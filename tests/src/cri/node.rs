@@ -612,19 +612,7 @@ impl Drop for Node {
         }
         self.force_clean();
         if let Some(mut c) = self.child.take() {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            crate::stop_child(&mut c, Duration::from_secs(10));
         }
         self.kill_shims();
         for dir in [self.dir.path(), &self.state_dir] {
