@@ -15,7 +15,7 @@ use containerd_shim_protos::types::task::ProcessInfo;
 use super::process::{AgentStreams, Container, Process, OUTPUT_DRAIN};
 use super::Inner;
 use crate::cleanup::{self, KillTiming, RealProcesses};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::events::{EventSink, TaskEvent};
 use crate::fault;
 use crate::io::{HostIo, IoContext, StdioConfig};
@@ -254,7 +254,27 @@ pub async fn exec(inner: &Inner, req: api::ExecProcessRequest) -> Result<Empty> 
 pub async fn kill(inner: &Inner, req: api::KillRequest) -> Result<Empty> {
     let c = inner.container(&req.id)?;
     let p = c.process(&req.exec_id)?;
-    let status = p.check(Op::Kill)?;
+    let status = match p.check(Op::Kill) {
+        Ok(s) => s,
+        Err(e) => {
+            if req.all && p.exec_id.is_empty() && e.kind() == Kind::NotFound {
+                // `kill --all` after the init exited still kills what is left
+                // in the container's cgroup, as runc does: without a pid
+                // namespace of its own (hostPID) the init's children survive
+                // it and hold its output open, and containerd waits for the
+                // output to close before it deletes the task.
+                if let Err(left) = c
+                    .sandbox
+                    .guest()
+                    .signal_process(&c.id, "", req.signal, true)
+                    .await
+                {
+                    tracing::debug!(process = %p.what(), error = %left, "signalling what is left of an exited container");
+                }
+            }
+            return Err(e);
+        }
+    };
     if !p.exec_id.is_empty() && status == Status::Created {
         return Err(Error::precondition(format!("{}: not started", p.what())));
     }

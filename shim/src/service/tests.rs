@@ -323,6 +323,36 @@ async fn exec_kill_delete_events_and_errors() {
 }
 
 #[tokio::test]
+async fn kill_all_after_the_init_exited_still_signals_the_container() {
+    let e = env();
+    let b = e.bundle("c1", &[], &[]);
+    e.create("c1", &b, "").await.unwrap();
+    e.start("c1", "").await.unwrap();
+    e.kill("c1", "", 9).await.unwrap();
+    e.wait("c1", "").await;
+    // containerd's WithProcessKill: kill --all of an exited init answers
+    // NotFound, but what is left in the container (hostPID: the init's
+    // children) is signalled all the same.
+    let r = ops::kill(
+        &e.svc.inner,
+        api::KillRequest {
+            id: "c1".into(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.map(drop).unwrap_err().kind(), Kind::NotFound);
+    assert!(
+        e.fake.calls().iter().any(|c| c == "signal c1/ 9 all=true"),
+        "{:?}",
+        e.fake.calls()
+    );
+    e.delete("c1", "").await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_is_ignored_while_tasks_live() {
     let e = env();
     let b = e.bundle("c1", &[], &[]);
