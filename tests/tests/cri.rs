@@ -46,6 +46,13 @@ pub const EXPECTED_DIFFERENCES: &[(&str, &str)] = &[
     ),
 ];
 
+/// What capsule answers to those requests (the errors the cases provoke).
+const REFUSALS: &[&str] = &[
+    "host network is not supported",
+    "host IPC is not supported",
+    "shared propagation back to the host",
+];
+
 fn expected(name: &str) -> Option<&'static str> {
     EXPECTED_DIFFERENCES
         .iter()
@@ -148,6 +155,10 @@ fn cri_runc_and_capsule() {
         );
     });
     let final_leaks = node.wait_clean(suite::CLEAN_TIMEOUT).err();
+    // The refusals the expected differences provoke are the only error
+    // lines about capsule a clean run may log.
+    let provoked: Vec<String> = REFUSALS.iter().map(|s| s.to_string()).collect();
+    let logged_errors = capsule_tests::containerd::error_lines(&node.log(), &provoked);
     drop(node);
     let mut text = format!("# {header}\n\n");
     for rt in [Runtime::Runc, Runtime::Capsule] {
@@ -160,6 +171,13 @@ fn cri_runc_and_capsule() {
     let mut problems = report::verdict(&outcomes);
     if let Some(left) = final_leaks {
         problems.push(format!("left at the end: {}", left.join("; ")));
+    }
+    if !logged_errors.is_empty() {
+        problems.push(format!(
+            "containerd logged {} error line(s) about capsule:\n{}",
+            logged_errors.len(),
+            logged_errors.join("\n")
+        ));
     }
     text.push_str(&format!(
         "suite run time {:.0} s\n\n",

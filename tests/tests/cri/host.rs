@@ -15,7 +15,8 @@ use super::lifecycle::SLEEPER;
 use super::util::*;
 
 /// How fast a refusal must come.
-const REFUSAL: Duration = Duration::from_secs(30);
+/// What a VM cannot do is refused within a second.
+const REFUSAL: Duration = Duration::from_secs(1);
 
 /// A pod whose namespace `set` is NODE, with one container.
 fn host_ns_pod(
