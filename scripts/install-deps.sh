@@ -45,7 +45,7 @@ else
 fi
 
 # containerd 1.7 and 2.x for the end-to-end tests (CAPSULE_CONTAINERD=1.7|2.1,
-# tests/src/lib.rs): Debian's own builds, from trixie and sid, fetched with
+# tests/src/containerd.rs): Debian's own builds, from trixie and sid, fetched with
 # `apt-get download` through a private sources list and unpacked with
 # `dpkg -x` into $CONTAINERD_CACHE/<version>/, with a <major.minor> symlink.
 # Nothing system-wide changes: no apt source is added, no package installed,
