@@ -511,6 +511,7 @@ kernel = "/k"
 initramfs = "/i"
 kernel_params = "quiet"
 accel = "tcg"
+tcg_translation_cache_mib = 64
 [virtiofsd]
 path = "/usr/libexec/virtiofsd"
 sandbox = "none"
@@ -529,6 +530,7 @@ device_wait = 7
         assert_eq!(c.block_device_driver, BlockDriver::VirtioBlk);
         assert_eq!(c.hypervisor.machine, MachineType::Q35);
         assert_eq!(c.hypervisor.accel, AccelMode::Tcg);
+        assert_eq!(c.hypervisor.tcg_translation_cache_mib, 64);
         assert_eq!(c.agent.transport, AgentTransport::VirtioSerial);
         assert_eq!(c.virtiofsd.sandbox, VirtiofsdSandbox::None);
         assert_eq!(c.timeouts.agent_call(), Duration::from_millis(5500));
@@ -546,6 +548,23 @@ device_wait = 7
         assert!(e.contains("vcpu"), "{e}");
         let e = err("[nope]\nx = 1\n");
         assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn the_translation_cache_reaches_the_qemu_command_line() {
+        let c = Config::parse("[hypervisor]\ntcg_translation_cache_mib = 48\n").unwrap();
+        let paths = crate::state::SandboxPaths::new(&c.state_dir, "s1");
+        let vm = crate::sandbox::qemu::vm_config(&c, &paths).unwrap();
+        assert_eq!(vm.tcg_tb_size_mib, 48);
+        for bad in ["0", "3", "2049"] {
+            let e = err(&format!(
+                "[hypervisor]\ntcg_translation_cache_mib = {bad}\n"
+            ));
+            assert!(
+                e.contains("hypervisor.tcg_translation_cache_mib") && e.contains("4..=2048"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

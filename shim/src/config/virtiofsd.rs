@@ -1,6 +1,6 @@
 //! Finding a virtiofsd capsule can drive.
 //!
-//! capsule drives the Rust virtiofsd: `--socket-path=… --shared-dir=…
+//! capsule drives the Rust virtiofsd: `--fd=… --shared-dir=…
 //! --sandbox=… --cache=… --announce-submounts` (`sandbox::virtiofsd::args`).
 //! QEMU's legacy C virtiofsd, which Debian 12 ships as
 //! `/usr/lib/qemu/virtiofsd`, takes `-o source=…` instead and exits with
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// The flags of capsule's virtiofsd command line.
 pub const VIRTIOFSD_FLAGS: &[&str] = &[
-    "--socket-path",
+    "--fd",
     "--shared-dir",
     "--sandbox",
     "--cache",
@@ -278,7 +278,7 @@ mod tests {
             "rust-virtiofsd",
             r#"case "$1" in
 --version) echo "virtiofsd 1.14.0";;
-*) printf 'Usage: virtiofsd --shared-dir <SHARED_DIR> --socket-path <SOCKET_PATH> [OPTIONS]\n      --socket <SOCKET>\n      --sandbox <SANDBOX>\n      --cache <CACHE>\n      --announce-submounts\n';;
+*) printf 'Usage: virtiofsd --shared-dir <SHARED_DIR> --socket-path <SOCKET_PATH> [OPTIONS]\n      --socket <SOCKET>\n      --fd <FD>\n      --sandbox <SANDBOX>\n      --cache <CACHE>\n      --announce-submounts\n';;
 esac"#,
         );
         let c = script(
@@ -303,10 +303,7 @@ esac"#,
             why.contains("--shared-dir") && why.contains("--sandbox"),
             "{why}"
         );
-        assert!(
-            !why.contains("--socket-path,"),
-            "it has --socket-path: {why}"
-        );
+        assert!(why.contains("--fd"), "it has no --fd: {why}");
         let missing = dir.path().join("nope");
         assert!(probe_virtiofsd(&missing)
             .unwrap_err()

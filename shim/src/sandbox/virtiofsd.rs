@@ -1,23 +1,24 @@
 //! virtiofsd: the vhost-user-fs backend serving the sandbox share.
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capsule_hypervisor::process::{SpawnOptions, VmProcess};
 
 use crate::config::VirtiofsdSandbox;
 use crate::error::{Error, Result};
 
-/// How long virtiofsd may take to create its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The virtiofsd to start: one capsule can drive (`config::virtiofsd`).
 pub fn resolve(bin: &Path) -> Result<PathBuf> {
     crate::config::resolve_virtiofsd(bin).map_err(Error::invalid)
 }
 
-pub fn args(socket: &Path, shared: &Path, sandbox: VirtiofsdSandbox) -> Vec<String> {
+/// virtiofsd's command line; `listener` is the listening socket it
+/// inherits.
+pub fn args(listener: RawFd, shared: &Path, sandbox: VirtiofsdSandbox) -> Vec<String> {
     vec![
-        format!("--socket-path={}", socket.display()),
+        format!("--fd={listener}"),
         format!("--shared-dir={}", shared.display()),
         format!("--sandbox={}", sandbox.as_str()),
         "--cache=auto".into(),
@@ -25,14 +26,20 @@ pub fn args(socket: &Path, shared: &Path, sandbox: VirtiofsdSandbox) -> Vec<Stri
     ]
 }
 
-fn tail(path: &Path) -> String {
+/// The last lines of virtiofsd's log.
+pub fn tail(path: &Path) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = s.lines().rev().take(5).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// Starts virtiofsd and waits for its socket. Called with the process
-/// recorded right after the spawn by `on_spawn`.
+/// Starts virtiofsd on `socket`, which the shim binds and listens on itself
+/// and hands over as a descriptor (`--fd`, as Kata does): the socket accepts
+/// from the moment this returns, so the connection that vets the backend
+/// next can never find it bound but not yet listening (ECONNREFUSED, seen
+/// with eight sandboxes starting at once). Called with the process recorded
+/// right after the spawn by `on_spawn`. If virtiofsd then dies before it
+/// answers, the vetting fails and [`exit_note`] says why.
 pub async fn spawn(
     bin: &Path,
     socket: &Path,
@@ -43,41 +50,37 @@ pub async fn spawn(
 ) -> Result<VmProcess> {
     let bin = resolve(bin)?;
     let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(|e| {
+        crate::error::io(
+            format!("listening on virtiofsd's socket {}", socket.display()),
+            e,
+        )
+    })?;
+    let fd = listener.as_raw_fd();
     let process = VmProcess::spawn(
         &bin,
-        &args(socket, shared, sandbox),
+        &args(fd, shared, sandbox),
         SpawnOptions {
             log: Some(log),
-            inherit_fds: Vec::new(),
+            inherit_fds: vec![fd],
             die_with_parent: false,
             netns: None,
             keep_capabilities: None,
         },
     )
     .map_err(|e| crate::error::io(format!("starting {}", bin.display()), e))?;
+    // virtiofsd has its own copy; ours closes here.
+    drop(listener);
     if let Err(e) = on_spawn(&process) {
         process.kill(Duration::from_secs(3)).await;
         return Err(e);
     }
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if socket.exists() {
-            return Ok(process);
-        }
-        if let Some(info) = process.exit_info() {
-            return Err(Error::internal(format!(
-                "virtiofsd exited during startup ({info}): {}",
-                tail(log)
-            )));
-        }
-        if Instant::now() >= deadline {
-            process.kill(Duration::from_secs(3)).await;
-            return Err(Error::deadline(format!(
-                "virtiofsd did not create {} within {START_TIMEOUT:?}: {}",
-                socket.display(),
-                tail(log)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Ok(process)
+}
+
+/// Why virtiofsd is gone, with its last log lines, if it has exited.
+pub fn exit_note(process: &VmProcess, log: &Path) -> Option<String> {
+    process
+        .exit_info()
+        .map(|info| format!("virtiofsd exited during startup ({info}): {}", tail(log)))
 }

@@ -249,7 +249,14 @@ async fn start(
         true,
     )
     .await
-    .map_err(|e| Error::from(e).context("adding the virtio-fs share"))?;
+    .map_err(|e| {
+        let e = Error::from(e);
+        match super::virtiofsd::exit_note(&virtiofsd, &paths.virtiofsd_log()) {
+            Some(why) => e.context(why),
+            None => e,
+        }
+        .context("adding the virtio-fs share")
+    })?;
     network::attach(&mgr, &slot, &net_plan.endpoints, true).await?;
 
     let vm = slot
