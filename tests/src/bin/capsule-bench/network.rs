@@ -68,9 +68,12 @@ fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<(f64, f64)
     .map_err(|e| anyhow!("measuring {addr}: {e}"))
 }
 
+/// Serves from memory (/dev/shm: tmpfs in a container, devtmpfs in the
+/// bare guest), so every target measures the network, not its filesystem
+/// (a container's rootfs is virtio-fs in capsule, overlayfs with runc).
 fn serve_script() -> String {
     format!(
-        "mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=1M count={BIG_MIB} 2>/dev/null && echo ok > /tmp/www/small && exec httpd -f -p 8080 -h /tmp/www"
+        "mkdir -p /dev/shm/www && dd if=/dev/zero of=/dev/shm/www/big bs=1M count={BIG_MIB} 2>/dev/null && echo ok > /dev/shm/www/small && exec httpd -f -p 8080 -h /dev/shm/www"
     )
 }
 
@@ -104,7 +107,11 @@ fn container(env: &Env, runtime: &str, pod: &Path, id: &str) -> Result<()> {
 /// Bare QEMU: the hypervisor crate's launcher with the bench's VM
 /// configuration, the busybox test guest, and the pod's link plumbed as
 /// capsule plumbs it, cold-plugged.
-async fn bare_vm(env: &Env, pod: &Path, dir: &Path) -> Result<(QemuVm, GuestShell)> {
+async fn bare_vm(
+    env: &Env,
+    pod: &Path,
+    dir: &Path,
+) -> Result<(QemuVm, GuestShell, capsule_network::EndpointRecord)> {
     let config = Config::load_file(&env.config_path).map_err(|e| anyhow!("{e}"))?;
     let paths = SandboxPaths::new(dir, "bare-net");
     let mut vm =
@@ -165,7 +172,7 @@ async fn bare_vm(env: &Env, pod: &Path, dir: &Path) -> Result<(QemuVm, GuestShel
         Duration::from_secs(60),
     )
     .await?;
-    Ok((qemu, sh))
+    Ok((qemu, sh, plumbed.record))
 }
 
 fn addr(n: u8) -> SocketAddr {
@@ -202,7 +209,7 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         .build()?;
     let dir = env.dir.path().join("bare-net");
     std::fs::create_dir_all(&dir)?;
-    let (bare, _shell) = rt.block_on(bare_vm(env, &pods[2].ns.path, &dir))?;
+    let (bare, _shell, bare_endpoint) = rt.block_on(bare_vm(env, &pods[2].ns.path, &dir))?;
     let targets = [
         ("capsule", addr(81)),
         ("runc", addr(82)),
@@ -231,6 +238,11 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         }
     }
     rt.block_on(bare.stop())?;
+    // The bare VM's plumbing is the bench's own: undone as capsule undoes it.
+    rt.block_on(capsule_network::unplumb(
+        &bare_endpoint,
+        Duration::from_secs(5),
+    ))?;
     drop(rt);
     for id in ["net-cap", "net-runc"] {
         env.remove(id);
