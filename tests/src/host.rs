@@ -25,6 +25,37 @@ pub fn stop_child(c: &mut std::process::Child, grace: Duration) {
     let _ = c.wait();
 }
 
+/// The ids of the sandboxes with a state directory under capsule's
+/// `state_dir`, sorted.
+pub fn sandbox_ids(state_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(state_dir.join("sandboxes"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// With `CAPSULE_E2E_LOGS=DIR`, keeps the containerd log (the shims log
+/// into it) of the private daemon in `dir` as `DIR/<dir's name>.log`.
+pub fn keep_containerd_log(dir: &Path) {
+    let Some(keep) = std::env::var_os("CAPSULE_E2E_LOGS") else {
+        return;
+    };
+    let keep = PathBuf::from(keep);
+    let _ = std::fs::create_dir_all(&keep);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    let _ = std::fs::copy(
+        dir.join("containerd.log"),
+        keep.join(name).with_extension("log"),
+    );
+}
+
 /// Runs `cmd` with a deadline; kills it when the deadline passes.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
     cmd.stdin(Stdio::null())

@@ -28,6 +28,28 @@ pub(crate) fn blob(dir: &Path, bytes: &[u8]) -> Result<(String, u64)> {
 
 /// `base/image-<our pid>`, emptied, after removing the image directories
 /// of earlier test processes that are gone.
+/// The tarball of the layer `root` at `layer`: sorted names, owner and
+/// group 0, so the same tree gives the same digest.
+pub(crate) fn tar_layer(root: &Path, layer: &Path) -> Result<()> {
+    let st = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-C",
+        ])
+        .arg(root)
+        .arg("-cf")
+        .arg(layer)
+        .arg(".")
+        .status()?;
+    if !st.success() {
+        bail!("tar of the layer {} failed: {st}", root.display());
+    }
+    Ok(())
+}
+
 pub(crate) fn fresh_image_dir(base: &Path) -> PathBuf {
     if let Ok(d) = std::fs::read_dir(base) {
         for e in d.flatten() {
@@ -78,22 +100,7 @@ pub(crate) fn build_image() -> Result<PathBuf> {
     let layout = out.join("layout");
     std::fs::create_dir_all(layout.join("blobs/sha256"))?;
     let layer = out.join("layer.tar");
-    let st = Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "-C",
-        ])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&layer)
-        .arg(".")
-        .status()?;
-    if !st.success() {
-        bail!("tar of the layer failed");
-    }
+    tar_layer(&root, &layer)?;
     let layer_bytes = std::fs::read(&layer)?;
     let (layer_digest, layer_size) = blob(&layout, &layer_bytes)?;
     let config = serde_json::json!({

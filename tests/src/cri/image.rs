@@ -58,18 +58,7 @@ fn build() -> Result<PathBuf> {
     let layout = out.join("layout");
     std::fs::create_dir_all(layout.join("blobs/sha256"))?;
     let layer = out.join("layer.tar");
-    run(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "-C",
-        ])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&layer)
-        .arg("."))?;
+    crate::image::tar_layer(&root, &layer)?;
     let (layer_digest, layer_size) = blob(&layout, &std::fs::read(&layer)?)?;
     let mut manifests = Vec::new();
     for (name, config) in [

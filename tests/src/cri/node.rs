@@ -254,14 +254,7 @@ impl Node {
 
     /// capsule sandboxes with a state directory.
     pub fn capsule_sandboxes(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.state_dir.join("sandboxes"))
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().to_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        crate::host::sandbox_ids(&self.state_dir)
     }
 
     /// QEMU processes started for this node (an argument names the node's
@@ -596,20 +589,7 @@ fn remove_cgroups(parent: &str) {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(keep) = std::env::var_os("CAPSULE_E2E_LOGS") {
-            let keep = PathBuf::from(keep);
-            let _ = std::fs::create_dir_all(&keep);
-            let name = self
-                .dir
-                .path()
-                .file_name()
-                .map(|n| n.to_os_string())
-                .unwrap_or_default();
-            let _ = std::fs::copy(
-                self.dir.path().join("containerd.log"),
-                keep.join(name).with_extension("log"),
-            );
-        }
+        crate::host::keep_containerd_log(self.dir.path());
         self.force_clean();
         if let Some(mut c) = self.child.take() {
             crate::stop_child(&mut c, Duration::from_secs(10));

@@ -59,14 +59,7 @@ impl Env {
 
     /// Sandboxes with a state directory.
     pub fn sandboxes(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.state_dir.join("sandboxes"))
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().to_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        crate::host::sandbox_ids(&self.state_dir)
     }
 
     /// QEMU/virtiofsd/shim processes of this environment, mounts under its

@@ -297,20 +297,7 @@ impl Drop for Env {
         };
         // CAPSULE_E2E_LOGS=DIR keeps every environment's containerd log
         // (the shim logs into it) for debugging.
-        if let Some(keep) = std::env::var_os("CAPSULE_E2E_LOGS") {
-            let keep = PathBuf::from(keep);
-            let _ = std::fs::create_dir_all(&keep);
-            let name = self
-                .dir
-                .path()
-                .file_name()
-                .map(|n| n.to_os_string())
-                .unwrap_or_default();
-            let _ = std::fs::copy(
-                self.dir.path().join("containerd.log"),
-                keep.join(name).with_extension("log"),
-            );
-        }
+        crate::host::keep_containerd_log(self.dir.path());
         // Whatever a failed test left: tasks, containers, sandboxes.
         if let Ok(out) = self.ctr_ok(&["container", "ls", "-q"]) {
             for id in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
