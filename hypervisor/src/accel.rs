@@ -171,6 +171,9 @@ fn read_cache(path: &Path, key: &CacheEntry) -> Option<CacheEntry> {
 
 fn write_cache(path: &Path, entry: &CacheEntry) -> std::io::Result<()> {
     let data = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent() {
+        capsule_state_file::create_private_dir(dir)?;
+    }
     capsule_state_file::write_atomic(path, &data).map_err(|e| std::io::Error::other(e.to_string()))
 }
 

@@ -25,8 +25,10 @@ fn no_guest() -> VmOpts {
     }
 }
 
+/// A vhost-user-blk request on PCI slot 8 (the device manager allocates
+/// slots; these tests play its part).
 fn vhost_blk(id: &str, socket: &Path) -> capsule_device_api::AttachRequest {
-    request(
+    let mut req = request(
         id,
         DeviceKind::VhostUser {
             vhost: VhostUserKind::Blk,
@@ -34,7 +36,9 @@ fn vhost_blk(id: &str, socket: &Path) -> capsule_device_api::AttachRequest {
             tag: String::new(),
         },
         Path::new("/"),
-    )
+    );
+    req.pci_slots = vec![8];
+    req
 }
 
 /// A vhost-user "backend" that answers the first GET_FEATURES on a
@@ -167,7 +171,7 @@ async fn vhost_user_without_shared_memory_is_refused() -> Result<()> {
     let sock = vm.dir.path().join("vu.sock");
     let backend = fake_backend(&sock, false).await?;
     for vhost in [VhostUserKind::Blk, VhostUserKind::Fs, VhostUserKind::Scsi] {
-        let req = request(
+        let mut req = request(
             "vu4",
             DeviceKind::VhostUser {
                 vhost,
@@ -176,6 +180,7 @@ async fn vhost_user_without_shared_memory_is_refused() -> Result<()> {
             },
             Path::new("/"),
         );
+        req.pci_slots = vec![8];
         let err = vm
             .vm
             .hotplug(&req)

@@ -268,7 +268,7 @@ async fn virtio_fs_with_virtiofsd() -> Result<()> {
     let sock = dir.join("vfs.sock");
     let _daemon = spawn_virtiofsd(dir, &share, &sock)?;
 
-    let req = request(
+    let mut req = request(
         "fs1",
         DeviceKind::VhostUser {
             vhost: VhostUserKind::Fs,
@@ -277,6 +277,7 @@ async fn virtio_fs_with_virtiofsd() -> Result<()> {
         },
         dir,
     );
+    req.pci_slots = vec![6];
     let addr = vm.vm.hotplug(&req).await?;
     ensure!(matches!(addr, GuestAddress::Pci(_)), "{addr:?}");
 
@@ -409,7 +410,7 @@ async fn coldplugged_devices_are_where_the_layout_says() -> Result<()> {
         builder.coldplug(&scsi).await?,
         GuestAddress::Scsi(ScsiAddr { id: 0, lun: 5 })
     );
-    let fs = request(
+    let mut fs = request(
         "cfs",
         DeviceKind::VhostUser {
             vhost: VhostUserKind::Fs,
@@ -418,10 +419,11 @@ async fn coldplugged_devices_are_where_the_layout_says() -> Result<()> {
         },
         dir.path(),
     );
+    fs.pci_slots = vec![6];
     let GuestAddress::Pci(fs_path) = builder.coldplug(&fs).await? else {
         anyhow::bail!("virtio-fs has a PCI address")
     };
-    // The backend chose the lowest free slot of the device range.
+    // On the slot the request carries (the device manager's allocation).
     assert_eq!(fs_path.to_string(), "06");
     // A taken slot is refused before boot.
     let mut clash = blk.clone();

@@ -154,11 +154,21 @@ fn qemu_killed_while_create_waits_for_the_agent() -> Result<()> {
             "1000",
         ],
     )?;
-    // QEMU is recorded in sandbox.json right after it started, before the agent
-    // wait: kill it the moment it shows up.
+    // QEMU is recorded in sandbox.json as soon as it is spawned, before its
+    // monitor is up: kill it once the shim says it waits for the agent.
     let pid = wait_for("QEMU in sandbox.json", Duration::from_secs(120), || {
         vm_pid(&env, id, "qemu")
     })?;
+    let log = env.dir.path().join("containerd.log");
+    wait_for(
+        "the shim waiting for the agent",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("QEMU is up; waiting for the guest agent"))
+        },
+    )?;
     ensure!(ctr.running(), "ctr finished before QEMU could be killed");
     sigkill(pid);
     let killed = Instant::now();

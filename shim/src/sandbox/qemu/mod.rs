@@ -286,6 +286,7 @@ async fn start(
                     .note(console_tail(&console))
             })
     };
+    tracing::info!(pid = vm.pid(), "QEMU is up; waiting for the guest agent");
     let agent = exits
         .race("waiting for the guest agent", &console, ready)
         .await?;
