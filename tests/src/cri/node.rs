@@ -454,9 +454,10 @@ impl Node {
         crate::containerd::error_lines(&self.log(), &[])
     }
 
-    /// containerd's state directory of `plugin` (task bundles, sandboxes).
+    /// containerd's state directory of `plugin` (task bundles, sandboxes)
+    /// for CRI's namespace, `k8s.io`.
     pub fn containerd_state(&self, plugin: &str) -> PathBuf {
-        self.dir.path().join("state").join(plugin)
+        self.dir.path().join("state").join(plugin).join("k8s.io")
     }
 }
 
