@@ -26,7 +26,7 @@ const BIG_MIB: usize = 32;
 const REQUESTS: usize = 50;
 const T: Duration = Duration::from_secs(300);
 
-const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest. The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms). Order per round: A, B, C; one warm-up of each first.";
+const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest. The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms), the round trip the median of 50 TCP handshakes (`connect` returns on the guest kernel's SYN-ACK: no process in the guest takes part). Every target serves from memory (/dev/shm). Order per round: A, B, C; one warm-up of each first.";
 
 /// One HTTP/1.0 GET; returns the body length.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<usize> {
@@ -45,7 +45,22 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<usize> {
 
 /// (throughput MB/s, median request latency ms) against `addr`, measured
 /// from inside `node`.
-fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<(f64, f64)> {
+/// One sample: throughput (MB/s), median request latency (ms), median TCP
+/// handshake time (ms: `connect` returns on the SYN-ACK, which the guest
+/// kernel sends before any process in the guest runs, so this is the
+/// round trip through the plumbing and the guest's network stack alone).
+struct Sample {
+    mbs: f64,
+    request_ms: f64,
+    handshake_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<Sample> {
     node.run_blocking(move || {
         let t0 = Instant::now();
         let n = get(addr, "/big")?;
@@ -62,8 +77,18 @@ fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<(f64, f64)
             get(addr, "/small")?;
             lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        lat.sort_by(f64::total_cmp);
-        Ok((n as f64 / 1e6 / secs, lat[lat.len() / 2]))
+        let mut handshakes = Vec::with_capacity(REQUESTS);
+        for _ in 0..REQUESTS {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+            handshakes.push(t.elapsed().as_secs_f64() * 1e3);
+            drop(s);
+        }
+        Ok(Sample {
+            mbs: n as f64 / 1e6 / secs,
+            request_ms: median(lat),
+            handshake_ms: median(handshakes),
+        })
     })
     .map_err(|e| anyhow!("measuring {addr}: {e}"))
 }
@@ -226,15 +251,23 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         .iter()
         .map(|(n, _)| Series::new(format!("{n} latency")))
         .collect();
+    let mut shake: Vec<Series> = targets
+        .iter()
+        .map(|(n, _)| Series::new(format!("{n} handshake")))
+        .collect();
     for (_, a) in targets {
         measure(&node_ns, a)?; // warm-up
     }
     for r in 0..rounds {
         for (i, (name, a)) in targets.iter().enumerate() {
-            let (mbs, ms) = measure(&node_ns, *a)?;
-            tput[i].samples.push(mbs);
-            lat[i].samples.push(ms);
-            eprintln!("network round {r}: {name}: {mbs:.1} MB/s, {ms:.2} ms per request");
+            let m = measure(&node_ns, *a)?;
+            tput[i].samples.push(m.mbs);
+            lat[i].samples.push(m.request_ms);
+            shake[i].samples.push(m.handshake_ms);
+            eprintln!(
+                "network round {r}: {name}: {:.1} MB/s, {:.2} ms per request, {:.2} ms per TCP handshake",
+                m.mbs, m.request_ms, m.handshake_ms
+            );
         }
     }
     rt.block_on(bare.stop())?;
@@ -294,5 +327,19 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         None,
         "the price of the VM",
     );
-    Ok(vec![t, l])
+    let mut h = Figure::new(
+        "net-handshake",
+        "6c. Pod network round trip (TCP handshake)",
+        "ms",
+        METHOD,
+    );
+    h.series = shake;
+    h.ratio(
+        "capsule / bare QEMU",
+        "capsule handshake",
+        "bare QEMU handshake",
+        None,
+        "the plumbing and the guest kernel alone (no process in the guest): where 6b's difference is not",
+    );
+    Ok(vec![t, l, h])
 }
