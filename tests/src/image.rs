@@ -97,45 +97,65 @@ pub(crate) fn build_image() -> Result<PathBuf> {
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
+    layout_tarball(
+        &out,
+        &root,
+        &[(
+            IMAGE,
+            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
+        )],
+        "image.tar",
+    )
+}
+
+/// An OCI image layout under `out/layout` with one layer, the tree `root`,
+/// and one image per `(name, config)` sharing it, packed as `out/<tarball>`
+/// for `ctr images import`.
+pub(crate) fn layout_tarball(
+    out: &Path,
+    root: &Path,
+    images: &[(&str, serde_json::Value)],
+    tarball: &str,
+) -> Result<PathBuf> {
     let layout = out.join("layout");
     std::fs::create_dir_all(layout.join("blobs/sha256"))?;
     let layer = out.join("layer.tar");
-    tar_layer(&root, &layer)?;
-    let layer_bytes = std::fs::read(&layer)?;
-    let (layer_digest, layer_size) = blob(&layout, &layer_bytes)?;
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    });
-    let (config_digest, config_size) = blob(&layout, &serde_json::to_vec(&config)?)?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
-    });
-    let (manifest_digest, manifest_size) = blob(&layout, &serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
+    tar_layer(root, &layer)?;
+    let (layer_digest, layer_size) = blob(&layout, &std::fs::read(&layer)?)?;
+    let mut manifests = Vec::new();
+    for (name, config) in images {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        });
+        let (config_digest, config_size) = blob(&layout, &serde_json::to_vec(&config)?)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest_size,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
+        });
+        let (digest, size) = blob(&layout, &serde_json::to_vec(&manifest)?)?;
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": size,
             "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
-                "io.containerd.image.name": IMAGE,
+                "io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": "latest"
             }
-        }]
-    });
+        }));
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-    let tarball = out.join("image.tar");
+    let tarball = out.join(tarball);
     let st = Command::new("tar")
         .arg("-C")
         .arg(&layout)
@@ -144,7 +164,7 @@ pub(crate) fn build_image() -> Result<PathBuf> {
         .args(["oci-layout", "index.json", "blobs"])
         .status()?;
     if !st.success() {
-        bail!("tar of the image failed");
+        bail!("tar of the image layout {} failed: {st}", layout.display());
     }
     Ok(tarball)
 }

@@ -30,7 +30,7 @@ pub use host::{
     dead_shim_sockets, mknod, mknod_block, mounts_under, processes, run_with_timeout, shim_call,
     sigkill, stop_child, text, wait_for,
 };
-pub(crate) use image::{blob, fresh_image_dir};
+pub(crate) use image::fresh_image_dir;
 pub use ready::{require_ready, shim_binaries, Ready};
 
 pub const RUNTIME: &str = "io.containerd.capsule.v2";

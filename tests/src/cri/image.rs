@@ -9,7 +9,6 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::blob;
 
 pub const BUSYBOX: &str = "capsule.test/cri/busybox:latest";
 pub const PAUSE: &str = "capsule.test/cri/pause:latest";
@@ -55,59 +54,19 @@ fn build() -> Result<PathBuf> {
     std::fs::write(root.join("opt/ro/file"), "ro\n")?;
     // /tmp writable by the run_as_user cases.
     run(Command::new("chmod").arg("1777").arg(root.join("tmp")))?;
-    let layout = out.join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-    let layer = out.join("layer.tar");
-    crate::image::tar_layer(&root, &layer)?;
-    let (layer_digest, layer_size) = blob(&layout, &std::fs::read(&layer)?)?;
-    let mut manifests = Vec::new();
-    for (name, config) in [
-        (
-            BUSYBOX,
-            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
-        ),
-        (
-            PAUSE,
-            serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "infinity"], "WorkingDir": "/"}),
-        ),
-    ] {
-        let config = serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": config,
-            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        });
-        let (config_digest, config_size) = blob(&layout, &serde_json::to_vec(&config)?)?;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
-        });
-        let (digest, size) = blob(&layout, &serde_json::to_vec(&manifest)?)?;
-        manifests.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest,
-            "size": size,
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {
-                "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": "latest"
-            }
-        }));
-    }
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
-    std::fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    let tarball = out.join("images.tar");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(&tarball)
-        .args(["oci-layout", "index.json", "blobs"]))?;
-    Ok(tarball)
+    crate::image::layout_tarball(
+        &out,
+        &root,
+        &[
+            (
+                BUSYBOX,
+                serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
+            ),
+            (
+                PAUSE,
+                serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "infinity"], "WorkingDir": "/"}),
+            ),
+        ],
+        "images.tar",
+    )
 }
