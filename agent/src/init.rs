@@ -197,8 +197,7 @@ pub fn loopback_up() {
     for (i, b) in b"lo".iter().enumerate() {
         req.ifr_name[i] = *b as libc::c_char;
     }
-    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`,
-    // valid for the call, on an open socket.
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, valid for the call, on an open socket.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "loopback: cannot read lo's flags; lo stays down");
         return;

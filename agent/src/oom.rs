@@ -119,8 +119,7 @@ impl OomWatcher {
     pub fn start() -> Result<Arc<Self>, OomError> {
         let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(OomError::Inotify)?;
-        // SAFETY: the AsyncFd owns the Inotify, whose fd stays open (and the
-        // same) until the AsyncFd is dropped.
+        // SAFETY: the AsyncFd owns the Inotify, whose fd stays open (and the same) until the AsyncFd is dropped.
         let fd = unsafe {
             AsyncFd::register_with_interest(InotifyFd(ino), tokio::io::Interest::READABLE)
         }

@@ -123,9 +123,7 @@ fn set_default(sig: i32) -> std::io::Result<()> {
         restorer: 0,
         mask: 0,
     };
-    // SAFETY: `act` is a valid kernel sigaction for the duration of the
-    // call (SIG_DFL, no flags, empty mask); the old-action pointer is null
-    // and the size is the kernel's sigset size (8 bytes).
+    // SAFETY: `act` is a valid kernel sigaction for the duration of the call (SIG_DFL, no flags, empty mask); the old-action pointer is null and the size is the kernel's sigset size (8 bytes).
     let r = unsafe {
         libc::syscall(
             libc::SYS_rt_sigaction,

@@ -51,8 +51,7 @@ pub fn clone_exec(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         if !(0..=MAX_TARGET_FD).contains(target) {
             return Err(io::Error::other(format!("child fd {target} out of range")));
         }
-        // SAFETY: F_DUPFD_CLOEXEC takes an int and duplicates an fd that is
-        // open for the duration of the call (borrowed).
+        // SAFETY: F_DUPFD_CLOEXEC takes an int and duplicates an fd that is open for the duration of the call (borrowed).
         let d = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, MAX_TARGET_FD + 1) };
         if d < 0 {
             return Err(io::Error::last_os_error());
@@ -69,8 +68,7 @@ pub fn clone_exec(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
 
     let mut pidfd: libc::c_int = -1;
     let mut flags = libc::CLONE_PIDFD as u64 | spec.namespaces;
-    // SAFETY: clone_args is a struct of integers, for which all zeroes is a
-    // valid value (and what clone3 expects for unused fields).
+    // SAFETY: clone_args is a struct of integers, for which all zeroes is a valid value (and what clone3 expects for unused fields).
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
     if let Some(cg) = &spec.cgroup {
         flags |= CLONE_INTO_CGROUP;
@@ -80,10 +78,7 @@ pub fn clone_exec(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     args.pidfd = &mut pidfd as *mut libc::c_int as u64;
     args.exit_signal = libc::SIGCHLD as u64;
 
-    // SAFETY: clone3 reads `args` (valid for the call, its size passed) and
-    // writes the pidfd into `pidfd`, which outlives the call. Without
-    // CLONE_VM the child gets a copy of the address space, and runs only
-    // the async-signal-safe code below before execve or _exit.
+    // SAFETY: clone3 reads `args` (valid for the call, its size passed) and writes the pidfd into `pidfd`, which outlives the call. Without CLONE_VM the child gets a copy of the address space, and runs only the async-signal-safe code below before execve or _exit.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -95,10 +90,7 @@ pub fn clone_exec(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         // Child: async-signal-safe calls only, no allocation, no panics.
         // Each failure exits with its own status (the parent sees it as the
         // process's exit): 126 dup2, 125 signal setup, 127 execve.
-        // SAFETY: dup2, signal, sigprocmask, execve and _exit are
-        // async-signal-safe; every pointer (the set, argv, envp and their
-        // strings, the program path) was built before the clone and is
-        // alive in this copy of the address space.
+        // SAFETY: dup2, signal, sigprocmask, execve and _exit are async-signal-safe; every pointer (the set, argv, envp and their strings, the program path) was built before the clone and is alive in this copy of the address space.
         unsafe {
             for &(fd, target) in &pairs {
                 if libc::dup2(fd, target) < 0 {
@@ -121,16 +113,14 @@ pub fn clone_exec(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     drop(moved);
     Ok(Spawned {
         pid: ret as i32,
-        // SAFETY: clone3 succeeded with CLONE_PIDFD, so `pidfd` is a new fd
-        // that nothing else owns.
+        // SAFETY: clone3 succeeded with CLONE_PIDFD, so `pidfd` is a new fd that nothing else owns.
         pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
     })
 }
 
 /// `pidfd_send_signal(2)`. ESRCH once the process has been reaped.
 pub fn pidfd_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
-    // SAFETY: pidfd_send_signal takes an fd open for the call (borrowed),
-    // a signal number, a null siginfo (the kernel fills it in) and flags.
+    // SAFETY: pidfd_send_signal takes an fd open for the call (borrowed), a signal number, a null siginfo (the kernel fills it in) and flags.
     let r = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,

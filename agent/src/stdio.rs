@@ -55,8 +55,7 @@ impl PtyMaster {
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        // SAFETY: TIOCSWINSZ reads one winsize, `ws`, valid for the call;
-        // the master fd is open while `self` lives.
+        // SAFETY: TIOCSWINSZ reads one winsize, `ws`, valid for the call; the master fd is open while `self` lives.
         if unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -259,8 +258,7 @@ mod tests {
             pty.slave.try_clone().unwrap(),
             pty.slave,
         );
-        // SAFETY: an all-zero winsize is valid; TIOCGWINSZ writes one into
-        // `ws`, which outlives the call, on an open pty slave.
+        // SAFETY: an all-zero winsize is valid; TIOCGWINSZ writes one into `ws`, which outlives the call, on an open pty slave.
         let ws = unsafe {
             let mut ws: libc::winsize = std::mem::zeroed();
             assert_eq!(libc::ioctl(b.as_raw_fd(), libc::TIOCGWINSZ, &mut ws), 0);

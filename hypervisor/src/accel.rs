@@ -273,8 +273,7 @@ fn tempfile_dir(parent: &Path) -> std::io::Result<PathBuf> {
 
 /// Runs a `hlt` guest on one vCPU in a forked child; `Ok` on KVM_EXIT_HLT.
 pub fn kvm_smoke_test(timeout: Duration) -> Result<(), String> {
-    // SAFETY: the child only makes raw syscalls on stack data and `_exit`s
-    // (async-signal-safe after fork in a multi-threaded process).
+    // SAFETY: the child only makes raw syscalls on stack data and `_exit`s (async-signal-safe after fork in a multi-threaded process).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));

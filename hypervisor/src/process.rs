@@ -177,16 +177,14 @@ fn drop_capabilities(keep: &[u32]) -> io::Result<()> {
         permitted: 0,
         inheritable: 0,
     }; 2];
-    // SAFETY: capget writes two Data words for a v3 header; both outlive
-    // the call.
+    // SAFETY: capget writes two Data words for a v3 header; both outlive the call.
     if unsafe { libc::syscall(libc::SYS_capget, &mut hdr as *mut Header, data.as_mut_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     for d in &mut data {
         d.inheritable = 0;
     }
-    // SAFETY: capset reads the header and two Data words, which outlive
-    // the call.
+    // SAFETY: capset reads the header and two Data words, which outlive the call.
     if unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -246,9 +244,7 @@ impl VmProcess {
         let die = opts.die_with_parent;
         let netns = opts.netns;
         let keep: Option<Vec<u32>> = opts.keep_capabilities.map(<[u32]>::to_vec);
-        // SAFETY: the closure only makes async-signal-safe syscalls (setns,
-        // fcntl, prctl, capget/capset) on descriptors the caller keeps open
-        // until spawn returns; `keep` was allocated before the fork.
+        // SAFETY: the closure only makes async-signal-safe syscalls (setns, fcntl, prctl, capget/capset) on descriptors the caller keeps open until spawn returns; `keep` was allocated before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(ns) = netns {
@@ -339,8 +335,7 @@ impl VmProcess {
             .0
             .try_clone()
             .map_err(|e| AdoptError::Io { pid, source: e })?;
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open
-        // and refers to the same pidfd for the AsyncFd's whole life.
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open and refers to the same pidfd for the AsyncFd's whole life.
         match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
         {

@@ -78,8 +78,7 @@ fn set_iff(file: &impl AsRawFd, name: &str, flags: libc::c_int) -> io::Result<()
     }
     // The flags are a short in the kernel ABI; IFF_TUN_EXCL is its top bit.
     req.ifr_ifru.ifru_flags = flags as u16 as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, and the
-    // descriptor is open on /dev/net/tun.
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, and the descriptor is open on /dev/net/tun.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
     if r < 0 {
         return Err(io::Error::last_os_error());

@@ -208,8 +208,7 @@ fn private_tree(src: &Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(src.as_os_str().as_bytes())?;
     let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32;
-    // SAFETY: open_tree(2) with a NUL-terminated path; it returns a new
-    // descriptor or -1 and touches no memory of ours.
+    // SAFETY: open_tree(2) with a NUL-terminated path; it returns a new descriptor or -1 and touches no memory of ours.
     let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
@@ -223,8 +222,7 @@ fn private_tree(src: &Path) -> std::io::Result<OwnedFd> {
         propagation: libc::MS_PRIVATE,
         userns_fd: 0,
     };
-    // SAFETY: mount_setattr(2) on our descriptor with an empty path; `attr`
-    // lives across the call and its size is passed.
+    // SAFETY: mount_setattr(2) on our descriptor with an empty path; `attr` lives across the call and its size is passed.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,

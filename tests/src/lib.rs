@@ -38,10 +38,9 @@ pub const IMAGE: &str = "docker.io/library/capsule-busybox:latest";
 pub const NAMESPACE: &str = "capsule-e2e";
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    // tests/ is a member directly under the workspace root.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
 pub fn target_dir() -> PathBuf {

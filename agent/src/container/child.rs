@@ -117,9 +117,7 @@ fn exit_now(code: i32) -> ! {
 }
 
 pub fn report(s: &Status) {
-    // SAFETY: fd 5 is the status pipe the agent gave this process; it stays
-    // open until execve closes it (CLOEXEC), and ManuallyDrop keeps this
-    // temporary File from closing it.
+    // SAFETY: fd 5 is the status pipe the agent gave this process; it stays open until execve closes it (CLOEXEC), and ManuallyDrop keeps this temporary File from closing it.
     let mut f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(FD_STATUS) });
     if let Ok(mut line) = serde_json::to_vec(s) {
         line.push(b'\n');
@@ -135,8 +133,7 @@ pub fn report(s: &Status) {
 fn setup_fds() -> Result<(), String> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     for fd in [FD_CONFIG, FD_START, FD_STATUS, FD_CONSOLE] {
-        // SAFETY: only used for this fcntl call, while fd `fd` is open (or
-        // the call fails with EBADF).
+        // SAFETY: only used for this fcntl call, while fd `fd` is open (or the call fails with EBADF).
         let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         match fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
             Ok(_) => {}
@@ -145,8 +142,7 @@ fn setup_fds() -> Result<(), String> {
         }
     }
     // Nothing else of the agent may leak into the container.
-    // SAFETY: close_range takes two fd numbers and flags, no pointers; no fd
-    // above FD_CONSOLE is owned by anything in this fresh process.
+    // SAFETY: close_range takes two fd numbers and flags, no pointers; no fd above FD_CONSOLE is owned by anything in this fresh process.
     let r = unsafe { libc::syscall(libc::SYS_close_range, FD_CONSOLE as u32 + 1, u32::MAX, 0) };
     if r < 0 {
         return Err(format!(
@@ -158,8 +154,7 @@ fn setup_fds() -> Result<(), String> {
 }
 
 fn read_config<T: for<'de> Deserialize<'de>>() -> Result<T, String> {
-    // SAFETY: fd 3 is the config memfd the agent gave this process, taken
-    // over exactly once, here.
+    // SAFETY: fd 3 is the config memfd the agent gave this process, taken over exactly once, here.
     let mut f = unsafe { File::from_raw_fd(FD_CONFIG) };
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)
@@ -177,8 +172,7 @@ fn init_container() -> Result<Infallible, Status> {
         super::rootfs::bind_console(&slave).map_err(|e| format!("{what}: {e}"))?;
     }
     report(&Status::Ready);
-    // SAFETY: fd 4 is the start pipe the agent gave the init, taken over
-    // exactly once, here.
+    // SAFETY: fd 4 is the start pipe the agent gave the init, taken over exactly once, here.
     let mut start = unsafe { File::from_raw_fd(FD_START) };
     let mut b = [0u8; 1];
     match start.read(&mut b) {
@@ -263,8 +257,7 @@ fn open_terminal(what: &str) -> Result<PathBuf, String> {
         )
     })?;
     for fd in 0..3 {
-        // SAFETY: dup2 onto 0-2, which this process owns as its stdio; the
-        // source fd is open (borrowed from `slave`).
+        // SAFETY: dup2 onto 0-2, which this process owns as its stdio; the source fd is open (borrowed from `slave`).
         if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
             return Err(format!(
                 "{what}: terminal: dup2: {}",
@@ -272,8 +265,7 @@ fn open_terminal(what: &str) -> Result<PathBuf, String> {
             ));
         }
     }
-    // SAFETY: fd 6 is the console socket the agent gave this process, taken
-    // over exactly once, here, and closed by the drop.
+    // SAFETY: fd 6 is the console socket the agent gave this process, taken over exactly once, here, and closed by the drop.
     drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(FD_CONSOLE) });
     Ok(PathBuf::from(name))
 }
@@ -291,8 +283,7 @@ pub fn become_process(
 ) -> Result<Infallible, Status> {
     crate::signals::reset_for_exec().map_err(|e| format!("{what}: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("{what}: setsid: {}", e.desc()))?;
-    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal) and no
-    // pointer; fd 0 is this process's terminal.
+    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal) and no pointer; fd 0 is this process's terminal.
     if terminal && unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
         return Err(format!(
             "{what}: set controlling terminal: {}",
@@ -361,8 +352,7 @@ struct CapData {
 
 /// `prctl(option, arg)` with the other arguments 0.
 fn prctl(option: libc::c_int, arg: libc::c_ulong, arg2: libc::c_ulong) -> std::io::Result<()> {
-    // SAFETY: the options used here (KEEPCAPS, CAPBSET_DROP, CAP_AMBIENT)
-    // take integers only, no pointers.
+    // SAFETY: the options used here (KEEPCAPS, CAPBSET_DROP, CAP_AMBIENT) take integers only, no pointers.
     let r = unsafe { libc::prctl(option, arg, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
@@ -421,10 +411,9 @@ fn set_ids_and_caps(what: &str, p: &Process, caps: Option<CapSets>) -> Result<()
                 inheritable: hi(c.inheritable),
             },
         ];
-        // SAFETY: capset with _LINUX_CAPABILITY_VERSION_3 reads one header
-        // and two data structs, which `hdr` and `data` are for the call.
-        let r =
-            unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) };
+        let (hdr_ptr, data_ptr) = (&mut hdr as *mut CapHeader, data.as_ptr());
+        // SAFETY: capset with _LINUX_CAPABILITY_VERSION_3 reads one header and two data structs, which `hdr` and `data` are, both alive for the call.
+        let r = unsafe { libc::syscall(libc::SYS_capset, hdr_ptr, data_ptr) };
         if r < 0 {
             return Err(err("capset", &std::io::Error::last_os_error()));
         }

@@ -222,8 +222,7 @@ pub fn container_of_cgroup(cgroup_file: &str) -> Option<&str> {
 fn ns_type(f: &File) -> nix::Result<i32> {
     // _IO(0xb7, 0x3)
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd; the fd
-    // is open for the duration of the call (borrowed from `f`).
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd; the fd is open for the duration of the call (borrowed from `f`).
     let r = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
     nix::errno::Errno::result(r)
 }
@@ -288,8 +287,7 @@ pub fn open_joins(
 }
 
 fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers; a non-negative
-    // result is a new fd that nothing else owns.
+    // SAFETY: pidfd_open takes a pid and flags, no pointers; a non-negative result is a new fd that nothing else owns.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     let fd = nix::errno::Errno::result(r)?;
     let fd = i32::try_from(fd).map_err(|_| nix::errno::Errno::EBADF)?;
