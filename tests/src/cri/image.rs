@@ -9,7 +9,6 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-
 pub const BUSYBOX: &str = "capsule.test/cri/busybox:latest";
 pub const PAUSE: &str = "capsule.test/cri/pause:latest";
 
