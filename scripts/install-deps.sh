@@ -12,7 +12,7 @@ APT_PACKAGES=(
   busybox-static         # guest userland and test images
   kmod cpio              # guest image build (depmod, initramfs)
   # the capsule guest kernel (guest/kernel/build.sh): source and build tools
-  linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make libc6-dev lz4 xz-utils
+  linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make libc6-dev lz4 xz-utils patch
   e2fsprogs util-linux   # mkfs, losetup
   libcap-ng-dev libseccomp-dev pkg-config  # cargo install virtiofsd; the agent links libseccomp.a
   socat                  # poking unix sockets by hand when debugging

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the capsule guest kernel from Debian's linux-source-6.1: allnoconfig +
-# guest/kernel/capsule.config, everything built in. See guest/README.md.
+# guest/kernel/capsule.config, everything built in, with the patches in
+# guest/kernel/patches/ (applied in name order). See guest/README.md.
 #
 #   guest/kernel/build.sh [--force]
 #
@@ -13,8 +14,8 @@
 #   <dir>/inputs         what the key was computed from
 #
 # <dir> is $CAPSULE_KERNEL_CACHE/<key> (default /var/cache/capsule/kernel),
-# where <key> hashes the linux-source-6.1 package version, the fragment,
-# this script and the compiler version: a machine builds each kernel once,
+# where <key> hashes the linux-source-6.1 package version, the fragment, the
+# patches, this script and the compiler version: a machine builds each kernel once,
 # whatever the clone (make test, CI, make install). Concurrent builds queue
 # on a lock. The build takes about 10 minutes on 2 cores and needs about
 # 2 GB of disk while it runs (the tree is deleted afterwards).
@@ -28,6 +29,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 FRAGMENT="$HERE/capsule.config"
+PATCHES=("$HERE"/patches/*.patch)
+[ -e "${PATCHES[0]}" ] || PATCHES=()
 CACHE_ROOT=${CAPSULE_KERNEL_CACHE:-/var/cache/capsule/kernel}
 JOBS=${CAPSULE_KERNEL_JOBS:-$(nproc)}
 KEEP=${CAPSULE_KERNEL_KEEP:-3}
@@ -51,7 +54,7 @@ done
 
 # ---------------------------------------------------------------- host tools
 # The kernel source and what building it needs (also in scripts/install-deps.sh).
-PKGS=("$SRC_PKG" bc bison flex libelf-dev libssl-dev gcc make libc6-dev lz4 xz-utils)
+PKGS=("$SRC_PKG" bc bison flex libelf-dev libssl-dev gcc make libc6-dev lz4 xz-utils patch)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
 for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
@@ -71,6 +74,7 @@ h() { sha256sum "$1" | cut -d' ' -f1; }
 INPUTS=$(cat <<EOF
 $SRC_PKG $SRC_VER
 capsule.config $(h "$FRAGMENT")
+$(for p in "${PATCHES[@]}"; do echo "patch $(basename "$p") $(h "$p")"; done)
 build.sh $(h "$SELF")
 gcc $(gcc -dumpfullversion) $(dpkg-query -W -f='${Version}' "gcc-$(gcc -dumpversion)" 2>/dev/null || echo '?')
 EOF
@@ -111,6 +115,10 @@ note "building the capsule kernel ($SRC_PKG $SRC_VER, key $KEY) in $WORK"
 tar -xJf "$SRC_TAR" -C "$WORK"
 KSRC="$WORK/linux-source-6.1"
 [ -f "$KSRC/Makefile" ] || die "unexpected layout of $SRC_TAR (no linux-source-6.1/Makefile)"
+for p in "${PATCHES[@]}"; do
+    note "applying $(basename "$p")"
+    patch -d "$KSRC" -p1 --forward --batch --quiet <"$p" || die "patch $p does not apply to $SRC_PKG $SRC_VER"
+done
 
 # Reproducible: no user, host, date or build count in the image.
 export KBUILD_BUILD_USER=capsule KBUILD_BUILD_HOST=capsule KBUILD_BUILD_VERSION=1

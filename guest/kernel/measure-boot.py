@@ -2,7 +2,8 @@
 """Boot-time and memory measurements of the capsule guest under bare QEMU.
 
     flock /tmp/capsule-vm.lock guest/kernel/measure-boot.py [--runs N] [--mem-runs N]
-        [--sections kernels,firmware,cmdline,tbsize,balloon] [--guest DIR] [--json FILE]
+        [--sections kernels,firmware,cmdline,tbsize,balloon,prt] [--guest DIR] [--json FILE]
+        [--other-qemu BIN:DATADIR --other-kernel VMLINUX]
 
 Boots the test initramfs (guest/test-init.sh) with capsule's own QEMU command
 line (hypervisor/src/launch/argv.rs for the shim's defaults: pc, TCG, 1 vCPU,
@@ -23,6 +24,11 @@ Sections:
   tbsize    -accel tcg,tb-size=N: boot time and memory
   balloon   virtio-balloon with free page reporting: memory idle and after
             the guest filled and freed 100 MiB of tmpfs
+  prt       ACPI _PRT cost per PCI device on pc: the installed QEMU and a
+            second one (--other-qemu: a binary and its firmware directory,
+            e.g. bookworm-backports' 10.0 unpacked with dpkg -x), the
+            capsule kernel with and without guest/kernel/patches
+            (--other-kernel), with 3 and 7 PCI devices (4 extra virtio-rng)
 
 Runs are interleaved (run 1 of every variant, then run 2, ...) so drift in
 the host's load spreads over all variants. Prints min/median/max tables.
@@ -40,7 +46,9 @@ def qemu_argv(v, tmp, append):
     root = "pci.0" if machine == "pc" else "pcie.0"
     mem = v.get("mem", 256)
     accel = "tcg" + (",tb-size=%d" % v["tb"] if v.get("tb") else "")
-    a = ["qemu-system-x86_64"]
+    a = [v.get("qemu", "qemu-system-x86_64")]
+    if v.get("datadir"):
+        a += ["-L", v["datadir"]]
     if v.get("shared", True):
         a += ["-machine", machine + ",memory-backend=mem"]
     else:
@@ -61,6 +69,9 @@ def qemu_argv(v, tmp, append):
           "-device", "virtio-scsi-pci,id=scsi0,bus=%s,addr=0x03" % root,
           "-object", "rng-builtin,id=rng0",
           "-device", "virtio-rng-pci,id=rng0dev,rng=rng0,bus=%s,addr=0x05" % root]
+    for n in range(v.get("extra_rng", 0)):
+        a += ["-object", "rng-builtin,id=xrng%d" % n,
+              "-device", "virtio-rng-pci,id=xrng%ddev,rng=xrng%d,bus=%s,addr=%#04x" % (n, n, root, 0x10 + n)]
     if v.get("balloon"):
         a += ["-device", "virtio-balloon-pci,id=balloon0,bus=%s,addr=0x06%s"
               % (root, ",free-page-reporting=on" if v["balloon"] == "fpr" else "")]
@@ -242,6 +253,8 @@ def main():
     ap.add_argument("--mem-runs", type=int, default=3)
     ap.add_argument("--sections", default="kernels,firmware,cmdline,tbsize,balloon")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--other-qemu", help="prt section: BIN:DATADIR of a second QEMU")
+    ap.add_argument("--other-kernel", help="prt section: a vmlinux built without guest/kernel/patches")
     args = ap.parse_args()
     g = args.guest
     cap_i = os.path.join(g, "initramfs-test.img")
@@ -306,6 +319,22 @@ def main():
         vs2 = [dict(v, name=v["name"] + ", after 100 MiB fill+free") for v in vs]
         run_mem_section("e2. guest memory: 10 s after the guest wrote and freed 100 MiB of tmpfs (capsule PVH)",
                         vs2, args.mem_runs, results, workload=fill)
+
+    if "prt" in sections:
+        if not args.other_qemu or ":" not in args.other_qemu or not args.other_kernel:
+            sys.exit("the prt section needs --other-qemu BIN:DATADIR and --other-kernel VMLINUX")
+        obin, odata = args.other_qemu.split(":", 1)
+        short = lambda v: v.replace("QEMU emulator version ", "").split(" ")[0]
+        oname = short(subprocess.run([obin, "--version"], capture_output=True, text=True).stdout)
+        vs = []
+        for extra in (0, 4):
+            for qname, qv in ((short(qemu), {}), (oname, dict(qemu=obin, datadir=odata))):
+                for kname, kernel in (("patched kernel", cap_pvh["kernel"]), ("unpatched kernel", args.other_kernel)):
+                    vs.append(dict(name="QEMU %s, %s, %d PCI devices" % (qname, kname, 3 + extra),
+                                   extra_rng=extra, qemu=qv.get("qemu", "qemu-system-x86_64"),
+                                   datadir=qv.get("datadir"), kernel=kernel, initrd=cap_i))
+        run_boot_section("f. ACPI _PRT per PCI device: QEMU version and kernel patch (pc, SeaBIOS, PVH)",
+                         vs, args.runs, results)
 
     if args.json:
         with open(args.json, "w") as f:
