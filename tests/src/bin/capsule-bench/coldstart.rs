@@ -1,11 +1,12 @@
 //! Figure 1, sandbox cold start: capsule vs bare QEMU vs runc.
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use capsule_tests::{Env, IMAGE, RUNTIME};
 
 use crate::bare::{BareLaunch, READY};
 use crate::host::{ctr, timed, timed_ok};
+use crate::phases::Run;
 use crate::report::Figure;
 use crate::stats::Series;
 
@@ -16,12 +17,19 @@ B **bare QEMU**: wall time from spawning QEMU to its exit, with capsule's own QE
 C **runc**: wall time of `ctr run --rm IMAGE id true` with containerd's default runtime (io.containerd.runc.v2).\n\
 Order per round: A, B, C; one untimed warm-up of each first.";
 
-fn capsule(env: &Env, id: &str) -> Result<f64> {
+fn capsule(env: &Env, id: &str) -> Result<(f64, Run)> {
     let cmd = ctr(
         env,
         &["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "true"],
     );
-    Ok(timed_ok(cmd, T)?.as_secs_f64() * 1e3)
+    let start = SystemTime::now();
+    let took = timed_ok(cmd, T)?.as_secs_f64() * 1e3;
+    let run = Run {
+        id: id.to_string(),
+        start,
+        end: SystemTime::now(),
+    };
+    Ok((took, run))
 }
 
 fn runc(env: &Env, id: &str) -> Result<f64> {
@@ -42,7 +50,8 @@ fn bare(launch: &BareLaunch) -> Result<f64> {
     Ok(took.as_secs_f64() * 1e3)
 }
 
-pub fn run(env: &Env, rounds: usize) -> Result<Figure> {
+/// Figure 1 and its split, figure 1b.
+pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
     let dir = env.dir.path().join("bare-boot");
     let launch = BareLaunch::new(env, &dir, "ready-poweroff")?;
     eprintln!(
@@ -58,8 +67,11 @@ pub fn run(env: &Env, rounds: usize) -> Result<Figure> {
     capsule(env, "cs-warm")?;
     bare(&launch)?;
     runc(env, "rc-warm")?;
+    let mut runs = Vec::new();
     for r in 0..rounds {
-        a.samples.push(capsule(env, &format!("cs-{r}"))?);
+        let (took, run) = capsule(env, &format!("cs-{r}"))?;
+        a.samples.push(took);
+        runs.push(run);
         b.samples.push(bare(&launch)?);
         c.samples.push(runc(env, &format!("rc-{r}"))?);
         eprintln!(
@@ -74,15 +86,18 @@ pub fn run(env: &Env, rounds: usize) -> Result<Figure> {
         "capsule / bare QEMU",
         "capsule ctr run --rm",
         "bare QEMU boot",
-        Some(1.15),
+        Some(1.10),
         "the shim's overhead over booting the same VM",
     );
     f.ratio(
         "capsule / runc",
         "capsule ctr run --rm",
         "runc ctr run --rm",
-        None,
+        Some(12.0),
         "the price of isolation, for users",
     );
-    Ok(f)
+    let log = std::fs::read_to_string(env.dir.path().join("containerd.log"))
+        .context("reading containerd's log for figure 1b")?;
+    let phases = crate::phases::figure(&log, &runs)?;
+    Ok(vec![f, phases])
 }

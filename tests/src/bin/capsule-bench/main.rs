@@ -17,6 +17,7 @@ mod hotplug;
 mod memory;
 mod micro;
 mod network;
+mod phases;
 mod report;
 mod stats;
 mod svg;
@@ -55,7 +56,7 @@ fn main() -> Result<()> {
     let machine = host::machine_facts(&probe.accel, &env.ready.kernel.with_file_name(""));
     let mut figures = Vec::new();
     if want("coldstart") {
-        figures.push(coldstart::run(&env, rounds)?);
+        figures.extend(coldstart::run(&env, rounds)?);
     }
     if want("hotplug") {
         let max = hotplug::COUNTS.iter().copied().max().unwrap_or(0);
