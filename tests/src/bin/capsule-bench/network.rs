@@ -25,8 +25,10 @@ const BIG_MIB: usize = 32;
 /// Requests per latency sample.
 const REQUESTS: usize = 50;
 const T: Duration = Duration::from_secs(300);
+/// Target D: bare QEMU's guest serving with a container's isolation.
+const CONTAINED: &str = "bare QEMU contained";
 
-const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest. The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms), the round trip the median of 50 TCP handshakes (`connect` returns on the guest kernel's SYN-ACK: no process in the guest takes part). Every target serves from memory (/dev/shm). Order per round: A, B, C; one warm-up of each first.";
+const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest; D **bare QEMU contained**, a second server in C's guest (port 8081) started with a container's isolation: its own cgroup with every controller enabled and new pid, mount, ipc and uts namespaces (`unshare -p -f -m -i -u`), as `ctr run` gives A and B (no seccomp: `ctr run` sets none). The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms), the round trip the median of 50 TCP handshakes (`connect` returns on the guest kernel's SYN-ACK: no process in the guest takes part). Every target serves from memory (/dev/shm). Order per round: A, B, C, D; one warm-up of each first.";
 
 /// One HTTP/1.0 GET; returns the body length.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<usize> {
@@ -100,6 +102,14 @@ fn serve_script() -> String {
     format!(
         "mkdir -p /dev/shm/www && dd if=/dev/zero of=/dev/shm/www/big bs=1M count={BIG_MIB} 2>/dev/null && echo ok > /dev/shm/www/small && exec httpd -f -p 8080 -h /dev/shm/www"
     )
+}
+
+/// The same server in the bare guest with a container's isolation (its own
+/// cgroup with every controller enabled, and new pid, mount, ipc and uts
+/// namespaces, as `ctr run` gives it; no seccomp, as `ctr run` sets none) on
+/// port 8081, serving the files the plain server made.
+fn contained_script() -> &'static str {
+    "grep -q cgroup2 /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup; mkdir -p /sys/fs/cgroup/srv; for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo +$c > /sys/fs/cgroup/cgroup.subtree_control; done; sh -c 'echo $$ > /sys/fs/cgroup/srv/cgroup.procs && exec unshare -p -f -m -i -u httpd -f -p 8081 -h /dev/shm/www'"
 }
 
 /// A container serving the files in `pod`.
@@ -197,6 +207,11 @@ async fn bare_vm(
         Duration::from_secs(60),
     )
     .await?;
+    sh.run_ok(
+        &format!("({}) >/dev/null 2>&1 &", contained_script()),
+        Duration::from_secs(60),
+    )
+    .await?;
     Ok((qemu, sh, plumbed.record))
 }
 
@@ -239,6 +254,7 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         ("capsule", addr(81)),
         ("runc", addr(82)),
         ("bare QEMU", addr(83)),
+        (CONTAINED, SocketAddr::from(([10, 83, 0, 2], 8081))),
     ];
     for (_, a) in targets {
         ready(&node_ns, a)?;
@@ -319,6 +335,20 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         "bare QEMU latency",
         Some(1.1),
         "capsule's plumbing adds nothing",
+    );
+    l.ratio(
+        "capsule / bare QEMU contained",
+        "capsule latency",
+        "bare QEMU contained latency",
+        None,
+        "against the same server with a container's isolation in the bare guest: what capsule adds beyond a container's own cost",
+    );
+    l.ratio(
+        "bare QEMU contained / bare QEMU",
+        "bare QEMU contained latency",
+        "bare QEMU latency",
+        None,
+        "a container's isolation (cgroup, namespaces) in the same guest",
     );
     l.ratio(
         "capsule / runc",
