@@ -16,6 +16,7 @@ pub mod error;
 pub mod init;
 pub mod network;
 pub mod oom;
+pub mod page_reporting;
 pub mod paths;
 pub mod pod;
 pub mod process;
@@ -70,6 +71,7 @@ pub fn run_agent() -> ! {
     );
     if init {
         init::load_modules();
+        page_reporting::apply_from_cmdline();
         init::setup_cgroups();
         init::loopback_up();
         // `capsule.bench=`: the benchmarks' bare-QEMU baselines (no serving).
