@@ -256,42 +256,50 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         ("bare QEMU", addr(83)),
         (CONTAINED, SocketAddr::from(([10, 83, 0, 2], 8081))),
     ];
-    for (_, a) in targets {
-        ready(&node_ns, a)?;
-    }
-    let mut tput: Vec<Series> = targets
-        .iter()
-        .map(|(n, _)| Series::new(format!("{n} throughput")))
-        .collect();
-    let mut lat: Vec<Series> = targets
-        .iter()
-        .map(|(n, _)| Series::new(format!("{n} latency")))
-        .collect();
-    let mut shake: Vec<Series> = targets
-        .iter()
-        .map(|(n, _)| Series::new(format!("{n} handshake")))
-        .collect();
-    for (_, a) in targets {
-        measure(&node_ns, a)?; // warm-up
-    }
-    for r in 0..rounds {
-        for (i, (name, a)) in targets.iter().enumerate() {
-            let m = measure(&node_ns, *a)?;
-            tput[i].samples.push(m.mbs);
-            lat[i].samples.push(m.request_ms);
-            shake[i].samples.push(m.handshake_ms);
-            eprintln!(
-                "network round {r}: {name}: {:.1} MB/s, {:.2} ms per request, {:.2} ms per TCP handshake",
-                m.mbs, m.request_ms, m.handshake_ms
-            );
+    // The bare VM is the bench's own: stopped and unplumbed whatever the
+    // measurement's outcome, so a failed run leaks no QEMU or tap.
+    let measured = (|| -> Result<_> {
+        for (_, a) in targets {
+            ready(&node_ns, a)?;
         }
-    }
-    rt.block_on(bare.stop())?;
+        let mut tput: Vec<Series> = targets
+            .iter()
+            .map(|(n, _)| Series::new(format!("{n} throughput")))
+            .collect();
+        let mut lat: Vec<Series> = targets
+            .iter()
+            .map(|(n, _)| Series::new(format!("{n} latency")))
+            .collect();
+        let mut shake: Vec<Series> = targets
+            .iter()
+            .map(|(n, _)| Series::new(format!("{n} handshake")))
+            .collect();
+        for (_, a) in targets {
+            measure(&node_ns, a)?; // warm-up
+        }
+        for r in 0..rounds {
+            for (i, (name, a)) in targets.iter().enumerate() {
+                let m = measure(&node_ns, *a)?;
+                tput[i].samples.push(m.mbs);
+                lat[i].samples.push(m.request_ms);
+                shake[i].samples.push(m.handshake_ms);
+                eprintln!(
+                    "network round {r}: {name}: {:.1} MB/s, {:.2} ms per request, {:.2} ms per TCP handshake",
+                    m.mbs, m.request_ms, m.handshake_ms
+                );
+            }
+        }
+        Ok((tput, lat, shake))
+    })();
+    let stopped = rt.block_on(bare.stop());
     // The bare VM's plumbing is the bench's own: undone as capsule undoes it.
-    rt.block_on(capsule_network::unplumb(
+    let unplumbed = rt.block_on(capsule_network::unplumb(
         &bare_endpoint,
         Duration::from_secs(5),
-    ))?;
+    ));
+    let (tput, lat, shake) = measured?;
+    stopped?;
+    unplumbed?;
     drop(rt);
     for id in ["net-cap", "net-runc"] {
         env.remove(id);
