@@ -79,17 +79,18 @@ mod tests {
     }
 
     #[test]
-    fn applies_only_a_different_order() {
-        let d = tempfile::tempdir().unwrap();
+    fn applies_only_a_different_order() -> Result<(), Box<dyn std::error::Error>> {
+        let d = tempfile::tempdir()?;
         let f = d.path().join("page_reporting_order");
-        std::fs::write(&f, "9\n").unwrap();
+        std::fs::write(&f, "9\n")?;
         let cmd = "quiet page_reporting.page_reporting_order=5";
-        let did = apply(cmd, &f).unwrap();
+        let did = apply(cmd, &f)?;
         assert!(did.contains("order 5") && did.contains('9'), "{did}");
-        assert_eq!(std::fs::read_to_string(&f).unwrap(), "5");
-        assert_eq!(apply(cmd, &f).unwrap(), "order 5 already");
-        assert!(apply("quiet", &f).unwrap().contains("not asked"));
+        assert_eq!(std::fs::read_to_string(&f)?, "5");
+        assert_eq!(apply(cmd, &f)?, "order 5 already");
+        assert!(apply("quiet", &f)?.contains("not asked"));
         let e = apply(cmd, &d.path().join("missing")).unwrap_err();
         assert!(e.contains("missing"), "{e}");
+        Ok(())
     }
 }

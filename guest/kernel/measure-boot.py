@@ -331,8 +331,7 @@ def main():
             for qname, qv in ((short(qemu), {}), (oname, dict(qemu=obin, datadir=odata))):
                 for kname, kernel in (("patched kernel", cap_pvh["kernel"]), ("unpatched kernel", args.other_kernel)):
                     vs.append(dict(name="QEMU %s, %s, %d PCI devices" % (qname, kname, 3 + extra),
-                                   extra_rng=extra, qemu=qv.get("qemu", "qemu-system-x86_64"),
-                                   datadir=qv.get("datadir"), kernel=kernel, initrd=cap_i))
+                                   extra_rng=extra, kernel=kernel, initrd=cap_i, **qv))
         run_boot_section("f. ACPI _PRT per PCI device: QEMU version and kernel patch (pc, SeaBIOS, PVH)",
                          vs, args.runs, results)
 

@@ -18,15 +18,17 @@ use capsule_tests::{Env, IMAGE, RUNTIME};
 
 use crate::host::ctr;
 use crate::report::Figure;
-use crate::stats::Series;
+use crate::stats::{Series, Summary};
 
 /// Size of the file fetched for throughput.
 const BIG_MIB: usize = 32;
 /// Requests per latency sample.
 const REQUESTS: usize = 50;
 const T: Duration = Duration::from_secs(300);
-/// Target D: bare QEMU's guest serving with a container's isolation.
+/// Target D: bare QEMU's guest serving with a container's isolation, on
+/// its own port.
 const CONTAINED: &str = "bare QEMU contained";
+const CONTAINED_PORT: u16 = 8081;
 
 const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest; D **bare QEMU contained**, a second server in C's guest (port 8081) started with a container's isolation: its own cgroup with every controller enabled and new pid, mount, ipc and uts namespaces (`unshare -p -f -m -i -u`), as `ctr run` gives A and B (no seccomp: `ctr run` sets none). The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms), the round trip the median of 50 TCP handshakes (`connect` returns on the guest kernel's SYN-ACK: no process in the guest takes part). Every target serves from memory (/dev/shm). Order per round: A, B, C, D; one warm-up of each first.";
 
@@ -57,11 +59,6 @@ struct Sample {
     handshake_ms: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<Sample> {
     node.run_blocking(move || {
         let t0 = Instant::now();
@@ -88,8 +85,8 @@ fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<Sample> {
         }
         Ok(Sample {
             mbs: n as f64 / 1e6 / secs,
-            request_ms: median(lat),
-            handshake_ms: median(handshakes),
+            request_ms: Summary::of(&lat).median,
+            handshake_ms: Summary::of(&handshakes).median,
         })
     })
     .map_err(|e| anyhow!("measuring {addr}: {e}"))
@@ -108,8 +105,8 @@ fn serve_script() -> String {
 /// cgroup with every controller enabled, and new pid, mount, ipc and uts
 /// namespaces, as `ctr run` gives it; no seccomp, as `ctr run` sets none) on
 /// port 8081, serving the files the plain server made.
-fn contained_script() -> &'static str {
-    "grep -q cgroup2 /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup; mkdir -p /sys/fs/cgroup/srv; for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo +$c > /sys/fs/cgroup/cgroup.subtree_control; done; sh -c 'echo $$ > /sys/fs/cgroup/srv/cgroup.procs && exec unshare -p -f -m -i -u httpd -f -p 8081 -h /dev/shm/www'"
+fn contained_script() -> String {
+    format!("grep -q cgroup2 /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup; mkdir -p /sys/fs/cgroup/srv; for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo +$c > /sys/fs/cgroup/cgroup.subtree_control; done; sh -c 'echo $$ > /sys/fs/cgroup/srv/cgroup.procs && exec unshare -p -f -m -i -u httpd -f -p {CONTAINED_PORT} -h /dev/shm/www'")
 }
 
 /// A container serving the files in `pod`.
@@ -254,7 +251,7 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         ("capsule", addr(81)),
         ("runc", addr(82)),
         ("bare QEMU", addr(83)),
-        (CONTAINED, SocketAddr::from(([10, 83, 0, 2], 8081))),
+        (CONTAINED, SocketAddr::new(addr(83).ip(), CONTAINED_PORT)),
     ];
     // The bare VM is the bench's own: stopped and unplumbed whatever the
     // measurement's outcome, so a failed run leaks no QEMU or tap.

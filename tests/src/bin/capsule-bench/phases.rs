@@ -69,11 +69,10 @@ fn secs(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The phase durations (ms) of `run` in `log`: the marks after the shim's
-/// `create` of `run.id`, each the first of its kind.
-fn split(log: &str, run: &Run) -> Result<[f64; 5]> {
+/// The phase durations (ms) of `run` in the log's `lines`: the marks after
+/// the shim's `create` of `run.id`, each the first of its kind.
+fn split(lines: &[&str], run: &Run) -> Result<[f64; 5]> {
     let create = format!("id={}", run.id);
-    let lines: Vec<&str> = log.lines().collect();
     let first = lines
         .iter()
         .position(|l| l.contains(MARKS[0]) && l.split_whitespace().any(|w| w == create))
@@ -108,9 +107,10 @@ fn split(log: &str, run: &Run) -> Result<[f64; 5]> {
 
 /// Figure 1b from the runs of figure 1 and containerd's log.
 pub fn figure(log: &str, runs: &[Run]) -> Result<Figure> {
+    let lines: Vec<&str> = log.lines().collect();
     let mut series: Vec<Series> = PHASES.iter().map(|p| Series::new(*p)).collect();
     for run in runs {
-        let phases = split(log, run)?;
+        let phases = split(&lines, run)?;
         eprintln!(
             "cold start {}: {}",
             run.id,
@@ -149,7 +149,7 @@ mod tests {
     }
 
     #[test]
-    fn a_run_splits_at_its_own_marks() {
+    fn a_run_splits_at_its_own_marks() -> Result<()> {
         let at = |s: f64| capsule_shim::logging::rfc3339(UNIX_EPOCH + Duration::from_secs_f64(s));
         let log = format!(
             "time=\"{}\" level=info msg=\"create\" id=other\n\
@@ -168,7 +168,8 @@ mod tests {
             start: UNIX_EPOCH + Duration::from_secs(100),
             end: UNIX_EPOCH + Duration::from_secs_f64(102.0),
         };
-        let p = split(&log, &run).expect("split");
+        let lines: Vec<&str> = log.lines().collect();
+        let p = split(&lines, &run)?;
         let want = [100.0, 200.0, 1000.0, 500.0, 200.0];
         for (got, want) in p.iter().zip(want) {
             assert!((got - want).abs() < 1e-3, "{p:?}");
@@ -177,7 +178,8 @@ mod tests {
             id: "cs-2".into(),
             ..run
         };
-        let e = split(&log, &missing).expect_err("no create line");
+        let e = split(&lines, &missing).expect_err("no create line");
         assert!(e.to_string().contains("cs-2"), "{e}");
+        Ok(())
     }
 }
