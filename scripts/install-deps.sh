@@ -14,9 +14,9 @@ APT_PACKAGES=(
   # the capsule guest kernel (guest/kernel/build.sh): source and build tools
   linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make libc6-dev lz4 xz-utils patch
   e2fsprogs util-linux   # mkfs, losetup
-  libcap-ng-dev libseccomp-dev pkg-config  # cargo install virtiofsd; the agent links libseccomp.a
+  libcap-ng-dev libseccomp-dev pkg-config  # virtiofsd's build (scripts/virtiofsd); the agent links libseccomp.a
   socat                  # poking unix sockets by hand when debugging
-  curl                   # HTTP from the node side in network tests (busybox 1.35's static wget crashes with -T)
+  curl                   # HTTP from the node side in network tests (busybox 1.35's static wget crashes with -T); fetching the virtiofsd crate
   iproute2               # ip/tc: network test fixtures (namespaces, veths, qdiscs)
   containernetworking-plugins  # CNI plugins (network tests)
   protobuf-compiler      # protoc: the k8s-cri crate's build (CRI client of the Sandbox API test)
@@ -36,13 +36,9 @@ else
   log "apt packages present"
 fi
 
-CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
-if ! command -v virtiofsd >/dev/null 2>&1 && [ ! -x "$CARGO_BIN/virtiofsd" ]; then
-  log "cargo install virtiofsd (a few minutes)"
-  cargo install --locked virtiofsd
-else
-  log "virtiofsd present"
-fi
+# capsule's virtiofsd: the Rust virtiofsd with the patches in
+# scripts/virtiofsd/ (negative lookups cached), as $CARGO_HOME/bin/virtiofsd.
+"$(dirname "$0")/virtiofsd/build.sh"
 
 # containerd 1.7 and 2.x for the end-to-end tests (CAPSULE_CONTAINERD=1.7|2.1,
 # tests/src/containerd.rs): Debian's own builds, from trixie and sid, fetched with

@@ -13,7 +13,8 @@
 # system has no ~/.cargo/bin in its PATH, and QEMU's legacy C virtiofsd
 # (/usr/lib/qemu/virtiofsd) takes another command line. It is copied from
 # $VIRTIOFSD, or the first Rust virtiofsd in PATH, ~/.cargo/bin or
-# /usr/libexec (scripts/install-deps.sh runs `cargo install virtiofsd`).
+# /usr/libexec (scripts/install-deps.sh builds capsule's, scripts/virtiofsd/, into
+# ~/.cargo/bin).
 #
 # Needs the binaries built (shim/build-dist.sh for `dist`, what `make
 # install` ships; or cargo build [--release] -p capsule-shim) and the
@@ -80,7 +81,7 @@ if [ -z "$virtiofsd" ]; then
     done
 fi
 if [ -z "$virtiofsd" ] || ! rust_virtiofsd "$virtiofsd"; then
-    echo "install.sh: no Rust virtiofsd found${virtiofsd:+ ($virtiofsd is not one)}: scripts/install-deps.sh (cargo install virtiofsd), or VIRTIOFSD=PATH" >&2
+    echo "install.sh: no Rust virtiofsd found${virtiofsd:+ ($virtiofsd is not one)}: scripts/virtiofsd/build.sh (or cargo install virtiofsd), or VIRTIOFSD=PATH" >&2
     exit 1
 fi
 

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 mod virtiofsd;
 pub use virtiofsd::{
     find_virtiofsd, probe_virtiofsd, resolve_virtiofsd, virtiofsd_candidates, virtiofsd_locations,
-    Skipped, Virtiofsd, VirtiofsdLookup, VIRTIOFSD_FLAGS, VIRTIOFSD_LIBEXEC,
+    Skipped, Virtiofsd, VirtiofsdLookup, NEGATIVE_TIMEOUT_FLAG, VIRTIOFSD_FLAGS, VIRTIOFSD_LIBEXEC,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/capsule/configuration.toml";

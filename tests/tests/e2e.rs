@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use capsule_tests::{mknod_block, sigkill, text, wait_for, CapsuleOptions, Env};
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -713,6 +713,64 @@ fn bind_mount_and_file_log_uri() -> Result<()> {
         "the ro bind mount was writable: {got:?}"
     );
     ensure!(!host.join("x").exists());
+    env.assert_clean(CLEAN)
+}
+
+/// The virtio-fs share caches failed lookups (capsule's virtiofsd,
+/// `--negative-timeout=1`): 300 checks of a missing file in the rootfs make
+/// (almost) no requests to virtiofsd, counted on the guest's virtio-fs
+/// request queue interrupt; and a file the host creates after the guest
+/// looked for it is still seen, within the timeout.
+#[test]
+fn missing_files_are_cached_lookups_and_host_changes_still_show() -> Result<()> {
+    let _s = serial();
+    let env = Env::start()?;
+    let host = env.dir.path().join("negdir");
+    std::fs::create_dir_all(&host)?;
+    let mount = format!(
+        "type=bind,src={},dst=/negdir,options=rbind:rw",
+        host.display()
+    );
+    // Shell builtins only: an exec would open the busybox binary through
+    // virtio-fs and count too.
+    let script = r#"irqs() { n=0; while read -r name rest; do case "$rest" in *-requests*) for v in $rest; do case "$v" in *[!0-9]*) break;; esac; n=$((n+v)); done;; esac; done < /proc/interrupts; echo $n; }
+a=$(irqs); i=0; while [ $i -lt 300 ]; do [ -e /no-such-file ] && exit 9; i=$((i+1)); done; b=$(irqs); echo "requests=$((b-a))"
+[ -e /negdir/late ] && exit 8; echo > /negdir/looked
+i=0; while [ ! -e /negdir/late ]; do sleep 0.1; i=$((i+1)); [ $i -gt 150 ] && exit 7; done; echo "seen-after=$i""#;
+    // The file appears only after the guest has looked for it (and cached
+    // that it is missing).
+    let creator = {
+        let host = host.clone();
+        std::thread::spawn(move || -> Result<()> {
+            wait_for("the container to look for /negdir/late", CLEAN, || {
+                host.join("looked").exists().then_some(())
+            })?;
+            Ok(std::fs::write(host.join("late"), "late\n")?)
+        })
+    };
+    let o = env.run(&["--rm", "--mount", &mount], "neg1", &["sh", "-c", script])?;
+    creator
+        .join()
+        .map_err(|_| anyhow!("the thread creating /negdir/late panicked"))?
+        .with_context(|| text(&o))?;
+    ensure!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o),
+        env.containerd_log_tail()
+    );
+    let out = stdout(&o);
+    let requests: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("requests="))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no request count: {}", text(&o)))?;
+    ensure!(
+        requests < 30,
+        "300 lookups of a missing file made {requests} virtio-fs requests: negative lookups are not cached ({})",
+        text(&o)
+    );
+    ensure!(out.contains("seen-after="), "{}", text(&o));
     env.assert_clean(CLEAN)
 }
 

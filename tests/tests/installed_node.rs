@@ -76,6 +76,12 @@ fn ctr_run_with_an_installed_capsule_under_a_service_managers_environment() -> R
     let check = String::from_utf8_lossy(&o.stdout).into_owned();
     let ok_line = format!("ok    virtiofsd: {} (virtiofsd ", virtiofsd.display());
     ensure!(check.contains(&ok_line), "capsule check:\n{check}");
+    // capsule's virtiofsd build (scripts/virtiofsd/), which caches failed
+    // lookups, is the one installed.
+    ensure!(
+        check.contains("negative lookups cached)"),
+        "capsule check:\n{check}"
+    );
     eprintln!("capsule check (virtiofsd lines):");
     for l in check.lines().filter(|l| l.contains("virtiofsd")) {
         eprintln!("  {l}");

@@ -76,7 +76,23 @@ pub async fn run(a: &Args) -> Result<i32, String> {
     // others (QEMU's legacy C virtiofsd…) are skipped.
     let lookup = crate::config::find_virtiofsd(&config.virtiofsd.path, true);
     match &lookup.found {
-        Some(v) => out.ok("virtiofsd", format!("{} ({})", v.path.display(), v.version)),
+        Some(v) if v.negative_timeout => out.ok(
+            "virtiofsd",
+            format!(
+                "{} ({}, negative lookups cached)",
+                v.path.display(),
+                v.version
+            ),
+        ),
+        Some(v) => out.warn(
+            "virtiofsd",
+            format!(
+                "{} ({}) offers no {}: every lookup of a missing file in a container is a round trip to the host (scripts/virtiofsd/build.sh builds capsule's virtiofsd)",
+                v.path.display(),
+                v.version,
+                crate::config::NEGATIVE_TIMEOUT_FLAG
+            ),
+        ),
         None => out.fail("virtiofsd", lookup.error(&config.virtiofsd.path)),
     }
     if lookup.found.is_some() {

@@ -29,6 +29,14 @@ pub const VIRTIOFSD_FLAGS: &[&str] = &[
     "--announce-submounts",
 ];
 
+/// The optional flag of capsule's virtiofsd build (scripts/virtiofsd/):
+/// how long the guest may cache a failed lookup. Stock virtiofsd answers a
+/// lookup of a missing name with ENOENT, which the guest kernel never
+/// caches, so every open or stat of a missing file (glibc's
+/// `/etc/localtime` on each `localtime`, PATH and library searches) is a
+/// round trip to the host. Passed when the binary offers it.
+pub const NEGATIVE_TIMEOUT_FLAG: &str = "--negative-timeout";
+
 /// Where `make install` puts virtiofsd, under the install prefix.
 pub const VIRTIOFSD_LIBEXEC: &str = "libexec/capsule";
 
@@ -44,6 +52,8 @@ pub struct Virtiofsd {
     pub path: PathBuf,
     /// Its `--version` line.
     pub version: String,
+    /// Whether it offers [`NEGATIVE_TIMEOUT_FLAG`].
+    pub negative_timeout: bool,
 }
 
 /// A file named like virtiofsd that the lookup passed over, and why.
@@ -164,8 +174,9 @@ fn run(path: &Path, arg: &str) -> Result<String, String> {
     Ok(text)
 }
 
-/// Checks that `path` is a virtiofsd capsule can drive; its version line.
-pub fn probe_virtiofsd(path: &Path) -> Result<String, String> {
+/// Checks that `path` is a virtiofsd capsule can drive: its version line,
+/// and whether it can cache negative lookups.
+pub fn probe_virtiofsd(path: &Path) -> Result<Virtiofsd, String> {
     let help = run(path, "--help")?;
     let version = run(path, "--version")
         .ok()
@@ -187,7 +198,11 @@ pub fn probe_virtiofsd(path: &Path) -> Result<String, String> {
         .filter(|f| !offers(f))
         .collect();
     if missing.is_empty() {
-        Ok(version)
+        Ok(Virtiofsd {
+            path: path.to_path_buf(),
+            version,
+            negative_timeout: offers(NEGATIVE_TIMEOUT_FLAG),
+        })
     } else {
         Err(format!(
             "{version}: its --help offers no {} (capsule drives the Rust virtiofsd; \
@@ -204,8 +219,8 @@ pub fn find_virtiofsd(bin: &Path, all: bool) -> VirtiofsdLookup {
     let mut lookup = VirtiofsdLookup::default();
     for path in virtiofsd_candidates(bin) {
         match probe_virtiofsd(&path) {
-            Ok(version) if lookup.found.is_none() => {
-                lookup.found = Some(Virtiofsd { path, version });
+            Ok(found) if lookup.found.is_none() => {
+                lookup.found = Some(found);
                 if !all {
                     break;
                 }
@@ -238,8 +253,9 @@ impl VirtiofsdLookup {
             msg.push_str(&format!("; skipped {}: {}", s.path.display(), s.reason));
         }
         msg.push_str(
-            "; install the Rust virtiofsd (`cargo install virtiofsd`; `make install` \
-             puts it in /usr/local/libexec/capsule) or set [virtiofsd] path",
+            "; install the Rust virtiofsd (capsule's build: scripts/virtiofsd/build.sh, \
+             or `cargo install virtiofsd`; `make install` puts it in \
+             /usr/local/libexec/capsule) or set [virtiofsd] path",
         );
         msg
     }
@@ -247,13 +263,13 @@ impl VirtiofsdLookup {
 
 /// The virtiofsd the shim starts for `bin` (the configuration's `[virtiofsd]
 /// path`); candidates passed over are logged.
-pub fn resolve_virtiofsd(bin: &Path) -> Result<PathBuf, String> {
+pub fn resolve_virtiofsd(bin: &Path) -> Result<Virtiofsd, String> {
     let lookup = find_virtiofsd(bin, false);
     for s in &lookup.skipped {
         tracing::warn!(virtiofsd = %s.path.display(), reason = %s.reason, "skipped a virtiofsd capsule cannot drive");
     }
     match lookup.found {
-        Some(v) => Ok(v.path),
+        Some(v) => Ok(v),
         None => Err(lookup.error(bin)),
     }
 }
@@ -281,6 +297,14 @@ mod tests {
 *) printf 'Usage: virtiofsd --shared-dir <SHARED_DIR> --socket-path <SOCKET_PATH> [OPTIONS]\n      --socket <SOCKET>\n      --fd <FD>\n      --sandbox <SANDBOX>\n      --cache <CACHE>\n      --announce-submounts\n';;
 esac"#,
         );
+        let _ = script(
+            dir,
+            "capsule-virtiofsd",
+            r#"case "$1" in
+--version) echo "virtiofsd 1.14.0";;
+*) printf 'Usage: virtiofsd --shared-dir <SHARED_DIR> --socket-path <SOCKET_PATH> [OPTIONS]\n      --fd <FD>\n      --sandbox <SANDBOX>\n      --cache <CACHE>\n      --negative-timeout <NEGATIVE_TIMEOUT>\n      --announce-submounts\n';;
+esac"#,
+        );
         let c = script(
             dir,
             "c-virtiofsd",
@@ -296,7 +320,14 @@ esac"#,
     fn the_rust_virtiofsd_passes_and_the_c_one_is_skipped_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let (rust, c) = stand_ins(dir.path());
-        assert_eq!(probe_virtiofsd(&rust).unwrap(), "virtiofsd 1.14.0");
+        let stock = probe_virtiofsd(&rust).unwrap();
+        assert_eq!(stock.version, "virtiofsd 1.14.0");
+        assert!(
+            !stock.negative_timeout,
+            "stock virtiofsd caches no negative lookups"
+        );
+        let patched = probe_virtiofsd(&dir.path().join("capsule-virtiofsd")).unwrap();
+        assert!(patched.negative_timeout, "{patched:?}");
         let why = probe_virtiofsd(&c).unwrap_err();
         assert!(why.starts_with("virtiofsd version 7.2.22"), "{why}");
         assert!(

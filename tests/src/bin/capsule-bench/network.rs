@@ -30,7 +30,7 @@ const T: Duration = Duration::from_secs(300);
 const CONTAINED: &str = "bare QEMU contained";
 const CONTAINED_PORT: u16 = 8081;
 
-const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest; D **bare QEMU contained**, a second server in C's guest (port 8081) started with a container's isolation: its own cgroup with every controller enabled and new pid, mount, ipc and uts namespaces (`unshare -p -f -m -i -u`), as `ctr run` gives A and B (no seccomp: `ctr run` sets none). The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms), the round trip the median of 50 TCP handshakes (`connect` returns on the guest kernel's SYN-ACK: no process in the guest takes part). Every target serves from memory (/dev/shm). Order per round: A, B, C, D; one warm-up of each first.";
+const METHOD: &str = "Three pods, each a network namespace with one veth to a private \"node\" namespace (what CNI's bridge plugin makes, without the bridge), serving the same files with busybox httpd: A **capsule**, a container started with `ctr run --runtime io.containerd.capsule.v2 --with-ns network:POD` (capsule plumbs a tap beside the veth with tc redirects and gives the VM a virtio-net device; its rootfs is virtio-fs, served by capsule's virtiofsd, which lets the guest cache failed lookups: httpd looks for the missing /etc/localtime on every request); B **runc**, the same container with runc; C **bare QEMU**, capsule's own QEMU command line for the same configuration started by the hypervisor crate alone (no shim, device manager, virtiofsd or agent: the busybox test guest), on a tap plumbed by `capsule-network` exactly as capsule does, configured by hand in the guest; D **bare QEMU contained**, a second server in C's guest (port 8081) started with a container's isolation: its own cgroup with every controller enabled and new pid, mount, ipc and uts namespaces (`unshare -p -f -m -i -u`), as `ctr run` gives A and B (no seccomp: `ctr run` sets none). The client runs in the node namespace: throughput is one `GET` of a 32 MiB file (MB/s), latency the median of 50 sequential `GET`s of a small file on new connections (ms), the round trip the median of 50 TCP handshakes (`connect` returns on the guest kernel's SYN-ACK: no process in the guest takes part). Every target serves from memory (/dev/shm). Order per round: the large GETs A, B, C, D; then the requests in 10 slices of 5 per target in turn (A, B, C, D, A, B, …), so that a slow spell of the host falls on every target alike; then the handshakes the same way; one warm-up round first.";
 
 /// One HTTP/1.0 GET; returns the body length.
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<usize> {
@@ -47,49 +47,75 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<usize> {
     }
 }
 
-/// (throughput MB/s, median request latency ms) against `addr`, measured
-/// from inside `node`.
-/// One sample: throughput (MB/s), median request latency (ms), median TCP
-/// handshake time (ms: `connect` returns on the SYN-ACK, which the guest
-/// kernel sends before any process in the guest runs, so this is the
-/// round trip through the plumbing and the guest's network stack alone).
+/// One target's sample of a round: throughput (MB/s), median request
+/// latency (ms), median TCP handshake time (ms: `connect` returns on the
+/// SYN-ACK, which the guest kernel sends before any process in the guest
+/// runs, so this is the round trip through the plumbing and the guest's
+/// network stack alone).
 struct Sample {
     mbs: f64,
     request_ms: f64,
     handshake_ms: f64,
 }
 
-fn measure(node: &capsule_network::Netns, addr: SocketAddr) -> Result<Sample> {
+/// Slices per round: each target's requests and handshakes are taken in
+/// turn, `REQUESTS / SLICES` at a time, so a slow spell of the host (whole
+/// runs of requests at twice the usual time, seen on every target) falls on
+/// all targets alike instead of on whichever one it coincides with.
+const SLICES: usize = 10;
+
+/// One round against every address in `addrs`, from inside `node`: one
+/// large GET each, then the requests and then the handshakes, interleaved
+/// in [`SLICES`].
+fn measure_round(node: &capsule_network::Netns, addrs: &[SocketAddr]) -> Result<Vec<Sample>> {
+    let owned = addrs.to_vec();
     node.run_blocking(move || {
-        let t0 = Instant::now();
-        let n = get(addr, "/big")?;
-        let secs = t0.elapsed().as_secs_f64();
-        if n < BIG_MIB << 20 {
-            return Err(std::io::Error::other(format!(
-                "GET /big from {addr}: {n} bytes, expected at least {}",
-                BIG_MIB << 20
-            )));
+        let addrs = owned;
+        let mut mbs = Vec::with_capacity(addrs.len());
+        for &addr in &addrs {
+            let t0 = Instant::now();
+            let n = get(addr, "/big")?;
+            let secs = t0.elapsed().as_secs_f64();
+            if n < BIG_MIB << 20 {
+                return Err(std::io::Error::other(format!(
+                    "GET /big from {addr}: {n} bytes, expected at least {}",
+                    BIG_MIB << 20
+                )));
+            }
+            mbs.push(n as f64 / 1e6 / secs);
         }
-        let mut lat = Vec::with_capacity(REQUESTS);
-        for _ in 0..REQUESTS {
-            let t = Instant::now();
-            get(addr, "/small")?;
-            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        let mut lat = vec![Vec::with_capacity(REQUESTS); addrs.len()];
+        for _ in 0..SLICES {
+            for (i, &addr) in addrs.iter().enumerate() {
+                for _ in 0..REQUESTS / SLICES {
+                    let t = Instant::now();
+                    get(addr, "/small")?;
+                    lat[i].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
         }
-        let mut handshakes = Vec::with_capacity(REQUESTS);
-        for _ in 0..REQUESTS {
-            let t = Instant::now();
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-            handshakes.push(t.elapsed().as_secs_f64() * 1e3);
-            drop(s);
+        let mut shakes = vec![Vec::with_capacity(REQUESTS); addrs.len()];
+        for _ in 0..SLICES {
+            for (i, &addr) in addrs.iter().enumerate() {
+                for _ in 0..REQUESTS / SLICES {
+                    let t = Instant::now();
+                    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+                    shakes[i].push(t.elapsed().as_secs_f64() * 1e3);
+                    drop(s);
+                }
+            }
         }
-        Ok(Sample {
-            mbs: n as f64 / 1e6 / secs,
-            request_ms: Summary::of(&lat).median,
-            handshake_ms: Summary::of(&handshakes).median,
-        })
+        Ok(mbs
+            .into_iter()
+            .zip(lat.iter().zip(&shakes))
+            .map(|(mbs, (l, h))| Sample {
+                mbs,
+                request_ms: Summary::of(l).median,
+                handshake_ms: Summary::of(h).median,
+            })
+            .collect())
     })
-    .map_err(|e| anyhow!("measuring {addr}: {e}"))
+    .map_err(|e| anyhow!("measuring {addrs:?}: {e}"))
 }
 
 /// Serves from memory (/dev/shm: tmpfs in a container, devtmpfs in the
@@ -271,12 +297,11 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
             .iter()
             .map(|(n, _)| Series::new(format!("{n} handshake")))
             .collect();
-        for (_, a) in targets {
-            measure(&node_ns, a)?; // warm-up
-        }
+        let addrs: Vec<SocketAddr> = targets.iter().map(|(_, a)| *a).collect();
+        measure_round(&node_ns, &addrs)?; // warm-up
         for r in 0..rounds {
-            for (i, (name, a)) in targets.iter().enumerate() {
-                let m = measure(&node_ns, *a)?;
+            let samples = measure_round(&node_ns, &addrs)?;
+            for (i, ((name, _), m)) in targets.iter().zip(samples).enumerate() {
                 tput[i].samples.push(m.mbs);
                 lat[i].samples.push(m.request_ms);
                 shake[i].samples.push(m.handshake_ms);
