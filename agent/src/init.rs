@@ -226,13 +226,18 @@ pub fn fatal(msg: &str) -> ! {
     }
 }
 
+/// The kernel command line (`/proc/cmdline`; empty when unreadable), read
+/// once at start for everything the agent takes from it.
+pub fn kernel_cmdline() -> String {
+    std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
 /// Log level from `CAPSULE_AGENT_LOG`, else `capsule.log=` on the kernel
 /// command line, else info.
-pub fn log_filter() -> String {
+pub fn log_filter(cmdline: &str) -> String {
     if let Ok(v) = std::env::var("CAPSULE_AGENT_LOG") {
         return v;
     }
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix("capsule.log="))
@@ -271,11 +276,6 @@ pub fn parse_bench_mode(cmdline: &str) -> Option<BenchMode> {
             None
         }
     }
-}
-
-/// The benchmark mode of this boot (`/proc/cmdline`).
-pub fn bench_mode() -> Option<BenchMode> {
-    parse_bench_mode(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
 }
 
 /// Runs a benchmark mode; never returns.

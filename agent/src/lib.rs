@@ -53,7 +53,8 @@ pub fn run_agent() -> ! {
         init::mount_base();
         init::setup_console();
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(init::log_filter())
+    let cmdline = init::kernel_cmdline();
+    let filter = tracing_subscriber::EnvFilter::try_new(init::log_filter(&cmdline))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -71,11 +72,11 @@ pub fn run_agent() -> ! {
     );
     if init {
         init::load_modules();
-        page_reporting::apply_from_cmdline();
+        page_reporting::apply_from_cmdline(&cmdline);
         init::setup_cgroups();
         init::loopback_up();
         // `capsule.bench=`: the benchmarks' bare-QEMU baselines (no serving).
-        if let Some(mode) = init::bench_mode() {
+        if let Some(mode) = init::parse_bench_mode(&cmdline) {
             init::run_bench(mode);
         }
     }

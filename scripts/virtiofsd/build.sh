@@ -25,8 +25,15 @@ CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 CACHE=${CAPSULE_VIRTIOFSD_CACHE:-/var/cache/capsule/virtiofsd}
 
 log() { printf '[virtiofsd] %s\n' "$*"; }
+# The installed virtiofsd offers the patched flag (--help read whole: a
+# grep -q that stops early would fail the pipeline under pipefail).
+patched() {
+  local help
+  help=$("$CARGO_BIN/virtiofsd" --help 2>/dev/null) || return 1
+  grep -q -- '--negative-timeout' <<<"$help"
+}
 
-if [ -x "$CARGO_BIN/virtiofsd" ] && "$CARGO_BIN/virtiofsd" --help 2>/dev/null | grep -q -- '--negative-timeout'; then
+if [ -x "$CARGO_BIN/virtiofsd" ] && patched; then
   log "capsule's virtiofsd present ($CARGO_BIN/virtiofsd)"
   exit 0
 fi
@@ -50,6 +57,5 @@ for p in "$here"/*.patch; do
 done
 log "building virtiofsd $VERSION with capsule's patches (about a minute)"
 CARGO_TARGET_DIR="$CACHE/target" cargo install --locked --force --path "$src/virtiofsd-$VERSION" --root "${CARGO_HOME:-$HOME/.cargo}"
-"$CARGO_BIN/virtiofsd" --help | grep -q -- '--negative-timeout' \
-  || { log "the installed virtiofsd offers no --negative-timeout"; exit 1; }
+patched || { log "the installed virtiofsd offers no --negative-timeout"; exit 1; }
 log "installed $CARGO_BIN/virtiofsd"

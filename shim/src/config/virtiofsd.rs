@@ -279,15 +279,25 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    /// Why `path` is refused; an error if it passes.
+    fn refused(path: &Path) -> TestResult<String> {
+        match probe_virtiofsd(path) {
+            Ok(v) => Err(format!("{} passed the probe: {v:?}", path.display()).into()),
+            Err(why) => Ok(why),
+        }
+    }
+
+    fn script(dir: &Path, name: &str, body: &str) -> std::io::Result<PathBuf> {
         let p = dir.join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n"))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        Ok(p)
     }
 
     /// The Rust virtiofsd's stand-in, its --help ending with `extra`.
-    fn rust_stand_in(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    fn rust_stand_in(dir: &Path, name: &str, extra: &str) -> std::io::Result<PathBuf> {
         script(
             dir,
             name,
@@ -302,14 +312,14 @@ esac"#
 
     /// Stand-ins printing what the real binaries print (the help texts are
     /// abridged from virtiofsd 1.14.0 and QEMU 7.2's virtiofsd).
-    fn stand_ins(dir: &Path) -> (PathBuf, PathBuf) {
-        let rust = rust_stand_in(dir, "rust-virtiofsd", "");
+    fn stand_ins(dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+        let rust = rust_stand_in(dir, "rust-virtiofsd", "")?;
         // capsule's build (scripts/virtiofsd/) offers one flag more.
         rust_stand_in(
             dir,
             "capsule-virtiofsd",
             "      --negative-timeout <NEGATIVE_TIMEOUT>\\n",
-        );
+        )?;
         let c = script(
             dir,
             "c-virtiofsd",
@@ -317,23 +327,23 @@ esac"#
 --version) echo "virtiofsd version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)";;
 *) printf 'usage: virtiofsd [options]\n    -o source=PATH             shared directory tree\n    --socket-path=PATH         path for the vhost-user socket\n';;
 esac"#,
-        );
-        (rust, c)
+        )?;
+        Ok((rust, c))
     }
 
     #[test]
-    fn the_rust_virtiofsd_passes_and_the_c_one_is_skipped_with_the_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let (rust, c) = stand_ins(dir.path());
-        let stock = probe_virtiofsd(&rust).unwrap();
+    fn the_rust_virtiofsd_passes_and_the_c_one_is_skipped_with_the_reason() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (rust, c) = stand_ins(dir.path())?;
+        let stock = probe_virtiofsd(&rust)?;
         assert_eq!(stock.version, "virtiofsd 1.14.0");
         assert!(
             !stock.negative_timeout,
             "stock virtiofsd caches no negative lookups"
         );
-        let patched = probe_virtiofsd(&dir.path().join("capsule-virtiofsd")).unwrap();
+        let patched = probe_virtiofsd(&dir.path().join("capsule-virtiofsd"))?;
         assert!(patched.negative_timeout, "{patched:?}");
-        let why = probe_virtiofsd(&c).unwrap_err();
+        let why = refused(&c)?;
         assert!(why.starts_with("virtiofsd version 7.2.22"), "{why}");
         assert!(
             why.contains("--shared-dir") && why.contains("--sandbox"),
@@ -341,9 +351,7 @@ esac"#,
         );
         assert!(why.contains("--fd"), "it has no --fd: {why}");
         let missing = dir.path().join("nope");
-        assert!(probe_virtiofsd(&missing)
-            .unwrap_err()
-            .contains("cannot run it"));
+        assert!(refused(&missing)?.contains("cannot run it"));
         // A configured path is taken as is: never another binary instead.
         let l = find_virtiofsd(&c, true);
         assert!(l.found.is_none());
@@ -355,28 +363,31 @@ esac"#,
         );
         let l = find_virtiofsd(&rust, false);
         assert_eq!(l.found.map(|v| v.path), Some(rust));
+        Ok(())
     }
 
     #[test]
-    fn a_hanging_binary_times_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = script(dir.path(), "hangs", "exec sleep 30");
+    fn a_hanging_binary_times_out() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let p = script(dir.path(), "hangs", "exec sleep 30")?;
         let t = Instant::now();
-        assert!(probe_virtiofsd(&p).unwrap_err().contains("did not finish"));
+        assert!(refused(&p)?.contains("did not finish"));
         assert!(t.elapsed() < Duration::from_secs(10));
+        Ok(())
     }
 
     #[test]
-    fn the_real_ones_on_this_host() {
+    fn the_real_ones_on_this_host() -> TestResult {
         // Debian 12's QEMU package ships the C one; scripts/install-deps.sh
         // installs the Rust one. Probe whichever are present.
         let c = Path::new("/usr/lib/qemu/virtiofsd");
         if c.is_file() {
-            let why = probe_virtiofsd(c).unwrap_err();
+            let why = refused(c)?;
             assert!(why.contains("--shared-dir"), "{why}");
         }
         if let Some(v) = find_virtiofsd(Path::new("virtiofsd"), true).found {
             assert!(v.version.starts_with("virtiofsd "), "{v:?}");
         }
+        Ok(())
     }
 }

@@ -64,6 +64,25 @@ struct Sample {
 /// all targets alike instead of on whichever one it coincides with.
 const SLICES: usize = 10;
 
+/// [`REQUESTS`] timings (ms) of `op` per address, taken in [`SLICES`]:
+/// `REQUESTS / SLICES` against each address in turn.
+fn sliced(
+    addrs: &[SocketAddr],
+    op: impl Fn(SocketAddr) -> std::io::Result<()>,
+) -> std::io::Result<Vec<Vec<f64>>> {
+    let mut ms = vec![Vec::with_capacity(REQUESTS); addrs.len()];
+    for _ in 0..SLICES {
+        for (i, &addr) in addrs.iter().enumerate() {
+            for _ in 0..REQUESTS / SLICES {
+                let t = Instant::now();
+                op(addr)?;
+                ms[i].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Ok(ms)
+}
+
 /// One round against every address in `addrs`, from inside `node`: one
 /// large GET each, then the requests and then the handshakes, interleaved
 /// in [`SLICES`].
@@ -84,27 +103,10 @@ fn measure_round(node: &capsule_network::Netns, addrs: &[SocketAddr]) -> Result<
             }
             mbs.push(n as f64 / 1e6 / secs);
         }
-        let mut lat = vec![Vec::with_capacity(REQUESTS); addrs.len()];
-        for _ in 0..SLICES {
-            for (i, &addr) in addrs.iter().enumerate() {
-                for _ in 0..REQUESTS / SLICES {
-                    let t = Instant::now();
-                    get(addr, "/small")?;
-                    lat[i].push(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-        }
-        let mut shakes = vec![Vec::with_capacity(REQUESTS); addrs.len()];
-        for _ in 0..SLICES {
-            for (i, &addr) in addrs.iter().enumerate() {
-                for _ in 0..REQUESTS / SLICES {
-                    let t = Instant::now();
-                    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-                    shakes[i].push(t.elapsed().as_secs_f64() * 1e3);
-                    drop(s);
-                }
-            }
-        }
+        let lat = sliced(&addrs, |addr| get(addr, "/small").map(drop))?;
+        let shakes = sliced(&addrs, |addr| {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map(drop)
+        })?;
         Ok(mbs
             .into_iter()
             .zip(lat.iter().zip(&shakes))
@@ -285,18 +287,14 @@ pub fn run(env: &Env, rounds: usize) -> Result<Vec<Figure>> {
         for (_, a) in targets {
             ready(&node_ns, a)?;
         }
-        let mut tput: Vec<Series> = targets
-            .iter()
-            .map(|(n, _)| Series::new(format!("{n} throughput")))
-            .collect();
-        let mut lat: Vec<Series> = targets
-            .iter()
-            .map(|(n, _)| Series::new(format!("{n} latency")))
-            .collect();
-        let mut shake: Vec<Series> = targets
-            .iter()
-            .map(|(n, _)| Series::new(format!("{n} handshake")))
-            .collect();
+        let series = |what: &str| -> Vec<Series> {
+            targets
+                .iter()
+                .map(|(n, _)| Series::new(format!("{n} {what}")))
+                .collect()
+        };
+        let (mut tput, mut lat, mut shake) =
+            (series("throughput"), series("latency"), series("handshake"));
         let addrs: Vec<SocketAddr> = targets.iter().map(|(_, a)| *a).collect();
         measure_round(&node_ns, &addrs)?; // warm-up
         for r in 0..rounds {
