@@ -65,13 +65,27 @@ async fn fake_backend(path: &Path, then_hang_up: bool) -> Result<tokio::task::Jo
     }))
 }
 
+/// How long QEMU may take to be back where it was. QEMU 7.2 cleans up
+/// after a vhost-user backend that hung up in a bottom half
+/// (`vhost_user_async_close`), which can run after it has answered the
+/// failed command: one CI run saw 6 fds more at the first look (not
+/// reproduced in 14 runs here, idle or loaded). A leak still fails, once
+/// this has passed.
+const SETTLE: Duration = Duration::from_secs(5);
+
 async fn assert_unchanged(vm: &TestVm, before: &Snapshot) -> Result<()> {
-    let after = vm.snapshot().await?;
-    ensure!(
-        &after == before,
-        "QEMU state changed by a failed hotplug:\nbefore {before:?}\nafter  {after:?}"
-    );
-    Ok(())
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let after = vm.snapshot().await?;
+        if &after == before {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "QEMU state changed by a failed hotplug (still after {SETTLE:?}):\nbefore {before:?}\nafter  {after:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
